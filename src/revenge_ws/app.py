@@ -1,0 +1,226 @@
+"""The one place that wires everything: settings → broker, store, node, features, HTTP.
+
+Dependencies point one way: protocol ← core ← broker/store/features ← server ← app/CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .broker import Broker, open_broker
+from .config import Settings
+from .core.node import Node
+from .server.http import (
+    PROBES,
+    REGISTRY,
+    DisconnectBody,
+    PublishBody,
+    RevokeBody,
+    error_middleware,
+    routes,
+)
+from .server.logs import AccessLogger, configure_logging
+from .server.metrics import PrometheusObserver
+from .server.openapi import openapi_document
+from .server.ws import NODE, websocket_handler
+
+__all__ = ["build_app", "run", "serve"]
+
+log = logging.getLogger("revenge_ws.app")
+OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
+SEEN: web.AppKey[weakref.WeakSet[Any]] = web.AppKey("seen", weakref.WeakSet)
+
+
+@web.middleware
+async def _mark_seen(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    # The handshake timeout only concerns sockets that never completed a request.
+    if request.transport is not None:
+        request.app[SEEN].add(request.transport)
+    return await handler(request)
+
+
+def build_app(settings: Settings, *, broker: Broker | None = None) -> web.Application:
+    """Build the aiohttp application for ``settings`` (nothing is started yet)."""
+    observer = PrometheusObserver()
+    node = Node(settings, broker or open_broker(settings), observer=observer)
+    app = web.Application(
+        middlewares=[_mark_seen, error_middleware],
+        client_max_size=max(1024 * 1024, settings.limits.message_size * 2),
+    )
+    app[NODE] = node
+    app[REGISTRY] = observer.registry
+    app[PROBES] = {}
+    app[SEEN] = weakref.WeakSet()
+    models: dict[str, Any] = {
+        "PublishBody": PublishBody,
+        "DisconnectBody": DisconnectBody,
+        "RevokeBody": RevokeBody,
+    }
+    app[OPENAPI] = openapi_document(models)
+    app.router.add_routes(routes())
+    for path in (
+        "/api/v1/ws",
+        "/api/v1/ws/playback/{room_id}",
+        "/api/v1/ws/transcode/{job_id}",
+    ):
+        app.router.add_get(path, websocket_handler)
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(request.app[OPENAPI])
+
+    app.router.add_get("/api/v1/openapi.json", openapi)
+    if settings.debug.echo:
+        from .server.echo import echo_handler
+
+        app.router.add_get("/debug/echo", echo_handler)
+
+    async def on_startup(app: web.Application) -> None:
+        await node.start()
+
+    async def on_shutdown(app: web.Application) -> None:
+        await node.stop()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await node.close()
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+async def drain(app: web.Application) -> None:
+    """Close every connection with 1012 and wait until they are gone (the caller bounds
+    the wait)."""
+    node = app[NODE]
+    await node.stop()
+    while len(node.hub):  # noqa: ASYNC110 - the hub has no "empty" event
+        await asyncio.sleep(0.05)
+
+
+async def serve(
+    settings: Settings,
+    *,
+    ready: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop``), then shut down gracefully within
+    ``server.shutdown_timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    app = build_app(settings)
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        handle_signals=False,
+        shutdown_timeout=1.0,
+    )
+    await runner.setup()
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    server = await loop.create_server(
+        _guarded(runner, app, settings.server.handshake_timeout),
+        settings.server.host,
+        settings.server.port,
+        reuse_address=True,
+        backlog=4096,
+    )
+    port = server.sockets[0].getsockname()[1]
+    log.info(
+        "revenge-ws %s listening on http://%s:%s (node %s, broker %s)",
+        __version__,
+        settings.server.host,
+        port,
+        settings.node_id,
+        settings.broker.url.split("://", 1)[0],
+    )
+    if ready is not None:
+        ready(port)
+    try:
+        await stop.wait()
+    finally:
+        started = time.monotonic()
+        log.info("shutting down: closing connections with 1012")
+        budget = settings.server.shutdown_timeout
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(drain(app), budget * 0.6)
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                runner.cleanup(), max(1.0, budget - (time.monotonic() - started) - 1)
+            )
+        log.info("stopped after %.2fs", time.monotonic() - started)
+
+
+class _FirstRequestDeadline(asyncio.Protocol):
+    """Wraps aiohttp's protocol: a socket that has not sent a complete request within
+    the handshake timeout is dropped (slowloris), and Nagle is off for small frames."""
+
+    __slots__ = ("_inner", "_seen", "_timeout")
+
+    def __init__(self, inner: Any, seen: weakref.WeakSet[Any], timeout: float) -> None:
+        self._inner = inner
+        self._seen = seen
+        self._timeout = timeout
+
+    def connection_made(self, transport: Any) -> None:
+        self._inner.connection_made(transport)
+        with contextlib.suppress(OSError):
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        asyncio.get_running_loop().call_later(self._timeout, self._check, transport)
+
+    def _check(self, transport: Any) -> None:
+        if transport not in self._seen and not transport.is_closing():
+            transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        result: bool | None = self._inner.eof_received()
+        return result
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+def _guarded(runner: web.AppRunner, app: web.Application, timeout: float) -> Callable[[], Any]:
+    """The aiohttp protocol factory, with a deadline for a socket's first request."""
+    factory = runner.server
+    assert factory is not None
+    seen = app[SEEN]
+    return lambda: _FirstRequestDeadline(factory(), seen, timeout)
+
+
+def run(settings: Settings) -> None:
+    """Blocking entry point of ``revenge-ws serve``."""
+    configure_logging(settings.logging)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve(settings))

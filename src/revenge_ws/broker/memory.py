@@ -1,0 +1,210 @@
+"""The in-process broker: one node, no dependencies, history in memory.
+
+A restart loses history; every channel then starts a new epoch, so clients are told
+``recovered: false`` instead of silently missing publications.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
+
+from ..config import HistoryFamily
+from ..protocol import StreamPosition, rfc3339
+from .base import BrokerHandler, HistoryResult, PresenceInfo, Publication
+
+__all__ = ["MemoryBroker", "MemoryPresence"]
+
+
+class _Channel:
+    __slots__ = ("epoch", "history", "seq", "ttl")
+
+    def __init__(self, size: int, ttl: float) -> None:
+        self.epoch = secrets.token_hex(4)
+        self.seq = 0
+        self.ttl = ttl
+        self.history: deque[Publication] = deque(maxlen=max(size, 1))
+
+
+class MemoryPresence:
+    """Presence of one process (nothing to expire: the process is the node)."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, dict[str, PresenceInfo]] = {}
+        self._users: dict[str, set[str]] = {}
+
+    async def add(self, channel: str, client_id: str, info: PresenceInfo) -> None:
+        self._channels.setdefault(channel, {})[client_id] = info
+
+    async def remove(self, channel: str, client_id: str) -> None:
+        members = self._channels.get(channel)
+        if members is not None:
+            members.pop(client_id, None)
+            if not members:
+                del self._channels[channel]
+
+    async def members(self, channel: str) -> dict[str, PresenceInfo]:
+        return dict(self._channels.get(channel, {}))
+
+    async def add_connection(self, user_id: str, client_id: str) -> int:
+        conns = self._users.setdefault(user_id, set())
+        conns.add(client_id)
+        return len(conns)
+
+    async def remove_connection(self, user_id: str, client_id: str) -> int:
+        conns = self._users.get(user_id)
+        if conns is None:
+            return 0
+        conns.discard(client_id)
+        if not conns:
+            del self._users[user_id]
+            return 0
+        return len(conns)
+
+    async def connection_count(self, user_id: str) -> int:
+        return len(self._users.get(user_id, ()))
+
+    async def online_users(self) -> int:
+        return len(self._users)
+
+
+class MemoryBroker:
+    """In-process :class:`~revenge_ws.broker.base.Broker`.
+
+    Channel states are kept for at most ``max_channels`` channels (least recently used
+    dropped first: that channel's next subscriber sees a new epoch).
+    """
+
+    def __init__(
+        self, *, max_channels: int = 100_000, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._presence = MemoryPresence()
+        self._handler: BrokerHandler | None = None
+        self._channels: OrderedDict[str, _Channel] = OrderedDict()
+        self._subscribed: set[str] = set()
+        self._kv: dict[str, tuple[str, float]] = {}
+        self._max_channels = max_channels
+        self._clock = clock
+
+    @property
+    def presence(self) -> MemoryPresence:
+        return self._presence
+
+    async def start(self, handler: BrokerHandler) -> None:
+        self._handler = handler
+
+    async def close(self) -> None:
+        self._handler = None
+
+    async def ping(self) -> None:
+        return None
+
+    def _state(self, channel: str, family: HistoryFamily | None = None) -> _Channel:
+        st = self._channels.get(channel)
+        if st is None:
+            fam = family or HistoryFamily()
+            st = self._channels[channel] = _Channel(fam.size, fam.ttl)
+            if len(self._channels) > self._max_channels:
+                self._channels.popitem(last=False)
+        else:
+            self._channels.move_to_end(channel)
+        return st
+
+    async def publish(
+        self,
+        channel: str,
+        mtype: str,
+        data: dict[str, Any],
+        history: HistoryFamily,
+        *,
+        idempotency_key: str | None = None,
+    ) -> Publication:
+        now = self._clock()
+        idem = f"idem:{channel}:{idempotency_key}" if idempotency_key else None
+        if idem is not None:
+            seen = self._kv_get(idem, now)
+            if seen is not None:
+                st = self._state(channel, history)
+                epoch, _, seq = seen.partition(":")
+                for pub in st.history:
+                    if pub.seq == int(seq) and pub.epoch == epoch:
+                        return pub
+                return Publication(channel, mtype, int(seq), epoch, data, "", now * 1000, b"{}")
+        st = self._state(channel, history)
+        st.ttl = history.ttl
+        st.seq += 1
+        pub = Publication(channel, mtype, st.seq, st.epoch, data, rfc3339(now * 1000), now * 1000)
+        if history.size > 0:
+            if st.history.maxlen != history.size:
+                st.history = deque(st.history, maxlen=history.size)
+            st.history.append(pub)
+        if idem is not None:
+            self._kv_set(idem, f"{st.epoch}:{st.seq}", now + 600.0)
+        if channel in self._subscribed and self._handler is not None:
+            self._handler.on_publication(pub)
+        return pub
+
+    async def subscribe(self, channel: str) -> None:
+        self._subscribed.add(channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._subscribed.discard(channel)
+
+    async def history(
+        self, channel: str, since: StreamPosition | None = None, limit: int = 0
+    ) -> HistoryResult:
+        st = self._state(channel)
+        hist = st.history
+        cutoff = (self._clock() - st.ttl) * 1000.0
+        while hist and hist[0].created_ms < cutoff:
+            hist.popleft()
+        position = StreamPosition(st.epoch, st.seq)
+        if since is None:
+            pubs = list(hist)[-limit:] if limit > 0 else []
+            return HistoryResult(position, pubs, True)
+        if since.epoch != st.epoch or since.seq > st.seq:
+            return HistoryResult(position, [], False)
+        missed = st.seq - since.seq
+        if missed == 0:
+            return HistoryResult(position, [], True)
+        if not hist or hist[0].seq > since.seq + 1 or (limit > 0 and missed > limit):
+            return HistoryResult(position, [], False)
+        start = since.seq + 1 - hist[0].seq
+        return HistoryResult(position, list(hist)[start:], True)
+
+    async def publish_control(self, message: dict[str, Any]) -> None:
+        if self._handler is not None:
+            asyncio.get_running_loop().call_soon(self._handler.on_control, message)
+
+    def _kv_get(self, key: str, now: float) -> str | None:
+        item = self._kv.get(key)
+        if item is None:
+            return None
+        if item[1] < now:
+            del self._kv[key]
+            return None
+        return item[0]
+
+    def _kv_set(self, key: str, value: str, expires: float) -> None:
+        if len(self._kv) > 100_000:
+            now = self._clock()
+            self._kv = {k: v for k, v in self._kv.items() if v[1] >= now}
+        self._kv[key] = (value, expires)
+
+    async def set_if_absent(self, key: str, value: str, ttl: float) -> str | None:
+        now = self._clock()
+        old = self._kv_get(key, now)
+        if old is not None:
+            return old
+        self._kv_set(key, value, now + ttl)
+        return None
+
+    async def get_value(self, key: str) -> str | None:
+        return self._kv_get(key, self._clock())
+
+    async def set_value(self, key: str, value: str, ttl: float) -> None:
+        self._kv_set(key, value, self._clock() + ttl)

@@ -1,0 +1,160 @@
+"""One client connection as the core sees it: session, outbox, subscriptions.
+
+The transport is an adapter (aiohttp in production, a list in unit tests). Writes are
+coalesced: frames queued during one event-loop iteration leave in a single ``write()``,
+which is where most of a hub's CPU goes (one syscall per message per client otherwise).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..auth import Claims
+from ..codes import CloseCode
+from ..protocol import frame_text
+from .outbox import Outbox
+from .session import Session
+
+__all__ = ["Connection", "Loop", "SubState", "Transport"]
+
+#: Above this many bytes in the transport's own buffer we stop writing and let the
+#: outbox hold (and conflate) frames until the kernel takes more.
+HIGH_WATER = 64 * 1024
+#: At most this much leaves in one write, so one connection cannot hog the loop.
+WRITE_CHUNK = 256 * 1024
+#: How often a backpressured connection retries its flush (s).
+RETRY_DELAY = 0.01
+
+
+class Transport(Protocol):
+    """The I/O side of a connection, implemented by the WebSocket adapter."""
+
+    def write(self, data: bytes) -> None:
+        """Write complete WebSocket frames; never blocks, never raises."""
+
+    def buffered(self) -> int:
+        """Bytes written but not yet accepted by the kernel."""
+        ...
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the close handshake (asynchronously); idempotent."""
+
+    def ping(self) -> None:
+        """Send a WebSocket ping frame."""
+
+
+class Loop(Protocol):
+    """The two scheduling calls the core needs (an asyncio loop, or a fake in tests)."""
+
+    def call_soon(self, callback: Callable[..., object], *args: Any) -> Any: ...
+
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Any: ...
+
+
+@dataclass(slots=True)
+class SubState:
+    """A connection's position on one channel; ``pending`` buffers live publications
+    while a recovery is in progress, so they can follow the history without a gap."""
+
+    epoch: str
+    seq: int
+    pending: list[Any] | None = None
+    overflow: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class Connection:
+    session_id: str
+    claims: Claims
+    session: Session
+    transport: Transport
+    loop: Loop
+    outbox: Outbox
+    node_id: str = ""
+    opened_at: float = field(default_factory=time.monotonic)
+    subs: dict[str, SubState] = field(default_factory=dict)
+    #: Channels the client did not ask for (kept across unsubscribe of user channels).
+    automatic: set[str] = field(default_factory=set)
+    room_id: str | None = None
+    closed: bool = False
+    close_code: int | None = None
+    close_reason: str = ""
+    on_slow: Callable[[Connection], None] | None = None
+    _flush_pending: bool = False
+    last_ping: float = 0.0
+    sent_messages: int = 0
+
+    @property
+    def user_id(self) -> str:
+        return self.claims.sub
+
+    # -- sending -------------------------------------------------------------------
+    def send(self, payload: bytes) -> bool:
+        """Queue one JSON message (a reply or direct message)."""
+        return self.send_frame(frame_text(payload))
+
+    def send_frame(self, frame: bytes) -> bool:
+        if self.closed:
+            return False
+        if not self.outbox.push(frame, extra=self.transport.buffered()):
+            self._slow()
+            return False
+        self._schedule()
+        return True
+
+    def send_latest(self, key: str, frame: bytes) -> bool:
+        if self.closed:
+            return False
+        if not self.outbox.push_latest(key, frame, extra=self.transport.buffered()):
+            self._slow()
+            return False
+        self._schedule()
+        return True
+
+    def _schedule(self) -> None:
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what is queued, in as few writes as the transport allows."""
+        self._flush_pending = False
+        if self.closed or not self.outbox:
+            return
+        if self.transport.buffered() > HIGH_WATER:
+            self._flush_pending = True
+            self.loop.call_later(RETRY_DELAY, self.flush)
+            return
+        frames = self.outbox.drain(WRITE_CHUNK)
+        self.sent_messages += len(frames)
+        self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        if self.outbox:
+            self._flush_pending = True
+            self.loop.call_later(RETRY_DELAY, self.flush)
+
+    def _slow(self) -> None:
+        # Never close synchronously: we may be inside the hub's fan-out loop.
+        if self.on_slow is not None:
+            self.loop.call_soon(self.on_slow, self)
+        else:
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+
+    def close(self, code: int, reason: str) -> None:
+        """Flush what is queued, then close with ``code``. Idempotent."""
+        if self.closed:
+            return
+        if code != CloseCode.SLOW_CONSUMER and self.outbox:
+            # Replies queued before the close must arrive before the close frame.
+            self.flush_all()
+        self.closed = True
+        self.close_code = code
+        self.close_reason = reason
+        self.transport.close(code, reason)
+
+    def flush_all(self) -> None:
+        while self.outbox:
+            frames = self.outbox.drain()
+            self.transport.write(b"".join(frames))

@@ -1,0 +1,705 @@
+"""The node: owns the hub, the broker, the channel policy and the request handlers.
+
+Transport adapters call three things: :meth:`Node.admit` before the upgrade,
+:meth:`Node.open` after it, :meth:`Node.receive` per text frame, and :meth:`Node.closed`
+when the socket is gone. Features (SyncPlay, notifications, live channels) plug in with
+:meth:`Node.register` (a request type) and the ``on_connect``/``on_disconnect`` hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+
+from ..auth import Claims, TokenVerifier
+from ..broker.base import Broker, PresenceInfo, Publication
+from ..codes import CloseCode, ErrorCode
+from ..config import Settings
+from ..exceptions import (
+    AuthError,
+    BrokerUnavailable,
+    ProtocolError,
+    RequestError,
+    StoreUnavailable,
+)
+from ..protocol import (
+    SUBPROTOCOL,
+    Envelope,
+    StreamPosition,
+    encode_ack,
+    encode_error,
+    encode_message,
+    now_ms,
+)
+from .channels import LATEST_VALUE, ChannelPolicy, automatic_channels, parse_channel
+from .connection import Connection, SubState, Transport
+from .hub import Hub
+from .observer import NullObserver, Observer
+from .outbox import Outbox
+from .ratelimit import TokenBucket
+from .session import Close, Dispatch, Replay, Reply, Session, SessionLimits
+
+__all__ = ["Handler", "Node", "Request"]
+
+log = logging.getLogger("revenge_ws.node")
+conn_log = logging.getLogger("revenge_ws.connections")
+
+#: How often the sweeper checks heartbeats and token expiry (s).
+SWEEP_INTERVAL = 1.0
+#: Revocations are remembered this long (longer than any sane token lifetime).
+REVOCATION_TTL = 30 * 24 * 3600.0
+
+
+@dataclass(slots=True)
+class Request:
+    """One dispatched client request, as a handler sees it."""
+
+    node: Node
+    conn: Connection
+    envelope: Envelope
+    t_recv_ms: float
+    #: Run after the reply is queued (e.g. missed publications follow the subscribe ack).
+    after_reply: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.envelope.data
+
+    @property
+    def claims(self) -> Claims:
+        return self.conn.claims
+
+
+T = TypeVar("T")
+Handler = Callable[[Request], Awaitable[dict[str, Any]]]
+Hook = Callable[[Connection], Awaitable[None]]
+#: Checks a handshake to ``/api/v1/ws/playback/{room_id}`` (raises RequestError).
+RoomAdmission = Callable[[Claims, str, dict[str, str]], Awaitable[None]]
+#: Joins a freshly opened connection to a room (the playback endpoint).
+RoomJoin = Callable[[Connection, str, dict[str, str]], Awaitable[None]]
+
+
+def _since(value: Any, name: str) -> StreamPosition | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, dict)
+        or not isinstance(value.get("epoch"), str)
+        or not isinstance(value.get("seq"), int)
+        or isinstance(value.get("seq"), bool)
+        or value["seq"] < 0
+    ):
+        raise RequestError(
+            ErrorCode.INVALID_MESSAGE, f"'since' of {name} must be {{epoch: str, seq: int >= 0}}"
+        )
+    return StreamPosition(value["epoch"], value["seq"])
+
+
+class Node:
+    """One hub process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker,
+        *,
+        observer: Observer | None = None,
+        verifier: TokenVerifier | None = None,
+    ) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id
+        self.broker = broker
+        self.observer: Observer = observer or NullObserver()
+        self.verifier = verifier or TokenVerifier(settings.jwt)
+        self.hub = Hub(on_gap=self._on_gap)
+        self.policy = ChannelPolicy()
+        self.handlers: dict[str, Handler] = {}
+        self.on_connect: list[Hook] = []
+        self.on_disconnect: list[Hook] = []
+        self.room_admission: RoomAdmission | None = None
+        self.room_join: RoomJoin | None = None
+        self.clock: Callable[[], float] = time.monotonic
+        self.closing = False
+        self.started_at = time.time()
+        self._admitted: set[str] = set()
+        lim = settings.limits
+        self._limits = SessionLimits(
+            inbound_rate=lim.inbound_rate,
+            inbound_burst=lim.inbound_burst,
+            rate_limit_strikes=lim.rate_limit_strikes,
+            inflight_requests=lim.inflight_requests,
+            heartbeat_timeout=settings.heartbeat.timeout,
+            expiry_grace=settings.jwt.expiry_grace,
+            dedupe_window=settings.history.request_dedupe_window,
+        )
+        self._accept = TokenBucket(
+            settings.server.accept_rate, settings.server.accept_burst, time.monotonic()
+        )
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._recovering: set[str] = set()
+        self.register("subscribe", self._subscribe)
+        self.register("unsubscribe", self._unsubscribe)
+        self.register("auth.refresh", self._refresh)
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.broker.start(self)
+        self._sweeper = asyncio.create_task(self._sweep(), name="revenge-sweeper")
+
+    async def stop(self, code: int = CloseCode.SERVICE_RESTART, reason: str = "restart") -> None:
+        """Refuse new connections and close every open one with ``code``."""
+        self.closing = True
+        for conn in self.hub:
+            conn.close(code, reason)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    async def close(self) -> None:
+        """Release the broker after :meth:`stop` and after the sockets are gone."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.broker.close()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run a background task the node owns (cancelled on close, errors logged)."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if isinstance(exc, BrokerUnavailable | StoreUnavailable):
+                log.warning("%s failed: %s", task.get_name(), exc)
+            else:
+                log.error("%s failed", task.get_name(), exc_info=exc)
+
+    def register(self, mtype: str, handler: Handler) -> None:
+        self.handlers[mtype] = handler
+
+    # -- admission -------------------------------------------------------------------
+    def authenticate(self, token: str | None) -> Claims:
+        """Verify a token (raises :class:`AuthError`)."""
+        return self.verifier.verify(token or "")
+
+    async def admit(self, claims: Claims, session_id: str) -> None:
+        """Decide whether this user may open one more connection, before the upgrade.
+
+        On success the connection is counted (cluster-wide); :meth:`closed` or
+        :meth:`release` uncounts it. Raises :class:`AuthError` with ``UNAVAILABLE``
+        (503), ``RATE_LIMITED`` (429) or ``UNAUTHORIZED`` (401).
+        """
+        if self.closing:
+            raise AuthError("shutting down", ErrorCode.UNAVAILABLE)
+        if not self._accept.take(time.monotonic()):
+            raise AuthError("too many handshakes, retry later", ErrorCode.UNAVAILABLE)
+        if len(self.hub) >= self.settings.server.max_connections:
+            raise AuthError("this node is full", ErrorCode.UNAVAILABLE)
+        try:
+            revoked = await self.call(self.broker.get_value(f"revoked:{claims.sub}"))
+            if revoked is not None and (claims.iat is None or claims.iat * 1000 <= float(revoked)):
+                raise AuthError("token revoked")
+            count = await self.call(self.broker.presence.add_connection(claims.sub, session_id))
+        except BrokerUnavailable:
+            raise AuthError("broker unavailable", ErrorCode.UNAVAILABLE) from None
+        if count > self.settings.limits.connections_per_user:
+            await self.release(claims, session_id)
+            raise AuthError(
+                f"more than {self.settings.limits.connections_per_user} connections for this user",
+                ErrorCode.RATE_LIMITED,
+            )
+        self._admitted.add(session_id)
+
+    async def release_if_unopened(self, claims: Claims, session_id: str) -> None:
+        """Uncount an admitted connection whose upgrade never completed."""
+        if session_id in self._admitted:
+            self._admitted.discard(session_id)
+            await self.release(claims, session_id)
+
+    def retry_after(self) -> float:
+        return max(1.0, self._accept.retry_after())
+
+    async def release(self, claims: Claims, session_id: str) -> int:
+        with contextlib.suppress(BrokerUnavailable):
+            return await self.call(self.broker.presence.remove_connection(claims.sub, session_id))
+        return -1
+
+    async def call(self, aw: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(aw, self.settings.broker.timeout)
+        except TimeoutError:
+            raise BrokerUnavailable("broker timed out") from None
+        except (OSError, ConnectionError) as exc:
+            raise BrokerUnavailable(str(exc)) from None
+
+    # -- connections -----------------------------------------------------------------
+    async def open(
+        self,
+        claims: Claims,
+        transport: Transport,
+        session_id: str,
+        *,
+        extra_channels: tuple[str, ...] = (),
+    ) -> Connection:
+        """Register an upgraded connection, subscribe its automatic channels and queue
+        the ``welcome`` (always the first frame)."""
+        self._admitted.discard(session_id)
+        mono = time.monotonic()
+        session = Session(
+            session_id,
+            claims.sub,
+            mono + (claims.exp - time.time()),
+            self._limits,
+            mono,
+        )
+        conn = Connection(
+            session_id=session_id,
+            claims=claims,
+            session=session,
+            transport=transport,
+            loop=asyncio.get_running_loop(),
+            outbox=Outbox(self.settings.limits.outbound_queue_bytes),
+            node_id=self.node_id,
+            on_slow=self._slow,
+        )
+        self.hub.add(conn)
+        self.observer.connection_opened()
+        subs: list[dict[str, Any]] = []
+        finishers: list[Callable[[], None]] = []
+        for name in (*automatic_channels(claims), *extra_channels):
+            try:
+                entry, finish = await self._attach(conn, name, None)
+            except (TimeoutError, BrokerUnavailable):
+                log.warning("broker unavailable: %s not subscribed for %s", name, session_id)
+                continue
+            conn.automatic.add(name)
+            subs.append(entry)
+            finishers.append(finish)
+        conn.send(
+            encode_message(
+                "welcome",
+                {
+                    "session_id": session_id,
+                    "user_id": claims.sub,
+                    "node_id": self.node_id,
+                    "protocol": SUBPROTOCOL,
+                    "server_time": now_ms(),
+                    "expires_at": claims.expires_at_ms,
+                    "heartbeat": {
+                        "interval": self.settings.heartbeat.interval,
+                        "timeout": self.settings.heartbeat.timeout,
+                    },
+                    "subscriptions": subs,
+                },
+            )
+        )
+        for finish in finishers:
+            finish()
+        conn_log.info(
+            "connect user=%s session=%s",
+            claims.sub,
+            session_id,
+            extra={"event": "connect", "user_id": claims.sub, "session_id": session_id},
+        )
+        for hook in self.on_connect:
+            try:
+                await hook(conn)
+            except Exception:
+                log.exception("connect hook failed for %s", session_id)
+        return conn
+
+    async def closed(self, conn: Connection, code: int | None) -> None:
+        """The socket is gone: forget the connection everywhere."""
+        if conn.close_code is None:
+            conn.close_code = code
+        conn.closed = True
+        if self.hub.connections.get(conn.session_id) is not conn:
+            return
+        emptied = self.hub.remove(conn)
+        duration = time.monotonic() - conn.opened_at
+        self.observer.connection_closed(conn.close_code, duration)
+        conn_log.info(
+            "disconnect user=%s session=%s code=%s duration=%.1fs",
+            conn.user_id,
+            conn.session_id,
+            conn.close_code,
+            duration,
+            extra={
+                "event": "disconnect",
+                "user_id": conn.user_id,
+                "session_id": conn.session_id,
+                "close_code": conn.close_code,
+                "duration": round(duration, 3),
+            },
+        )
+        for hook in self.on_disconnect:
+            try:
+                await hook(conn)
+            except Exception:
+                log.exception("disconnect hook failed for %s", conn.session_id)
+        with contextlib.suppress(BrokerUnavailable):
+            for ch in emptied:
+                await self.call(self.broker.unsubscribe(ch))
+            for ch in conn.subs:
+                await self.call(self.broker.presence.remove(ch, conn.session_id))
+        await self.release(conn.claims, conn.session_id)
+
+    def _slow(self, conn: Connection) -> None:
+        if not conn.closed:
+            self.observer.slow_connection()
+            conn.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+
+    # -- inbound ---------------------------------------------------------------------
+    def receive(
+        self, conn: Connection, raw: str | bytes, t_recv_ms: float
+    ) -> Awaitable[None] | None:
+        """Handle one text frame. Returns an awaitable when a handler must run; the
+        adapter awaits it before reading the next frame (requests run in order)."""
+        action = conn.session.receive(raw, time.monotonic())
+        if action is None:
+            return None
+        if isinstance(action, Dispatch):
+            env = action.envelope
+            self.observer.message_in(
+                env.type if env.type in self.handlers or env.type == "ping" else "unknown"
+            )
+            if env.type == "ping":
+                self._pong(conn, env, t_recv_ms)
+                return None
+            return self._dispatch(conn, env, t_recv_ms)
+        if isinstance(action, Reply | Replay):
+            self.observer.message_in("invalid" if isinstance(action, Reply) else "replay")
+            conn.send(action.payload)
+        elif isinstance(action, Close):
+            conn.close(action.code, action.reason)
+        return None
+
+    def _pong(self, conn: Connection, env: Envelope, t1: float) -> None:
+        t0 = env.data.get("t0")
+        data: dict[str, Any] = {"t0": t0 if isinstance(t0, int | float) else None, "t1": t1}
+        conn.session.complete(env, b"", 0.0)
+        # t2 as late as we can take it: the pong leaves in this very write when the
+        # outbox is empty, which it is for any client that keeps up.
+        data["t2"] = now_ms()
+        conn.send(encode_message("pong", data, env.id))
+        conn.flush()
+
+    async def _dispatch(self, conn: Connection, env: Envelope, t_recv_ms: float) -> None:
+        handler = self.handlers.get(env.type)
+        req = Request(self, conn, env, t_recv_ms)
+        payload: bytes | None
+        try:
+            if handler is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {env.type!r}")
+            result = await asyncio.wait_for(handler(req), self.settings.broker.timeout * 2)
+            payload = encode_ack(env.id, result) if env.id is not None else None
+        except ProtocolError as exc:
+            payload = encode_error(env.id, exc.code, exc.message, exc.retryable)
+        except (BrokerUnavailable, StoreUnavailable, TimeoutError) as exc:
+            log.warning("%s failed for %s: %s", env.type, conn.session_id, exc or "timeout")
+            payload = encode_error(env.id, ErrorCode.UNAVAILABLE, "temporarily unavailable", True)
+        except Exception:
+            log.exception("handler %s failed", env.type)
+            payload = encode_error(env.id, ErrorCode.INTERNAL, "internal error", True)
+        if payload is None:
+            conn.session.complete(env, b"", time.monotonic())
+        else:
+            for _ in range(conn.session.complete(env, payload, time.monotonic())):
+                conn.send(payload)
+        for after in req.after_reply:
+            after()
+
+    # -- subscriptions -----------------------------------------------------------------
+    async def _attach(
+        self, conn: Connection, name: str, since: StreamPosition | None
+    ) -> tuple[dict[str, Any], Callable[[], None]]:
+        """Subscribe ``conn`` to ``name`` (policy already checked).
+
+        Live publications are buffered from the moment the node listens until the
+        returned ``finish`` runs, which sends the missed ones and then the buffer:
+        per channel and connection, no gap and no duplicate.
+        """
+        state = SubState(epoch="", seq=0, pending=[])
+        old = conn.subs.get(name)
+        if self.hub.subscribe(conn, name, state):
+            try:
+                await self.call(self.broker.subscribe(name))
+            except BaseException:
+                self.hub.unsubscribe(conn, name)
+                raise
+        try:
+            chan = parse_channel(name)
+            latest_wanted = chan.family in LATEST_VALUE
+            res = await self.call(self.broker.history(name, since, 0))
+            latest_pub: Publication | None = None
+            if latest_wanted:
+                top = await self.call(self.broker.history(name, None, 1))
+                latest_pub = top.publications[-1] if top.publications else None
+        except BaseException:
+            if old is not None:
+                self.hub.subscribe(conn, name, old)
+            elif self.hub.unsubscribe(conn, name):
+                with contextlib.suppress(BrokerUnavailable):
+                    await self.call(self.broker.unsubscribe(name))
+            raise
+        missed: list[Publication] = []
+        if since is not None and res.recovered:
+            state.epoch, state.seq = since.epoch, since.seq
+            missed = res.publications
+        else:
+            state.epoch, state.seq = res.position.epoch, res.position.seq
+        entry: dict[str, Any] = {
+            "channel": name,
+            "epoch": res.position.epoch,
+            "seq": res.position.seq,
+            "recovered": since is not None and res.recovered,
+            "missed": len(missed),
+        }
+        if latest_wanted:
+            entry["latest"] = orjson.loads(latest_pub.payload) if latest_pub else None
+        if old is None:
+            self.spawn(self._presence_add(conn, name), name=f"presence-{conn.session_id}")
+
+        def finish() -> None:
+            for pub in missed:
+                self.hub.deliver_to(conn, pub)
+            self._drain_pending(conn, name, state)
+
+        return entry, finish
+
+    def _drain_pending(self, conn: Connection, name: str, state: SubState) -> None:
+        pending, state.pending = state.pending or [], None
+        for pub in pending:
+            if pub.epoch == state.epoch and pub.seq <= state.seq:
+                continue
+            if pub.epoch != state.epoch or pub.seq != state.seq + 1:
+                self._on_gap(conn, name)
+                return
+            self.hub.deliver_to(conn, pub)
+        if state.overflow:
+            state.overflow = False
+            self._on_gap(conn, name)
+
+    async def _presence_add(self, conn: Connection, name: str) -> None:
+        info = PresenceInfo(conn.user_id, conn.claims.display_name, self.node_id)
+        await self.call(self.broker.presence.add(name, conn.session_id, info))
+
+    async def _subscribe(self, req: Request) -> dict[str, Any]:
+        items = req.data.get("channels")
+        if not isinstance(items, list) or not items:
+            raise RequestError(ErrorCode.INVALID_MESSAGE, "'channels' must be a non-empty list")
+        limit = self.settings.limits.channels_per_connection
+        if len(items) > limit:
+            raise RequestError(ErrorCode.TOO_LARGE, f"at most {limit} channels per request")
+        conn = req.conn
+        results: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        for item in items:
+            name = item.get("name") if isinstance(item, dict) else item
+            try:
+                since = _since(item.get("since"), str(name)) if isinstance(item, dict) else None
+                chan = parse_channel(name)
+                if chan.name not in conn.subs and len(conn.subs) >= limit:
+                    raise RequestError(
+                        ErrorCode.TOO_LARGE, f"at most {limit} channels per connection"
+                    )
+                await self.policy.check(conn.claims, chan)
+                entry, finish = await self._attach(conn, chan.name, since)
+            except RequestError as exc:
+                errors.append({"channel": name, "code": exc.code.value, "message": exc.message})
+                continue
+            results.append(entry)
+            req.after_reply.append(finish)
+        return {"subscriptions": results, "errors": errors}
+
+    async def _unsubscribe(self, req: Request) -> dict[str, Any]:
+        items = req.data.get("channels")
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise RequestError(ErrorCode.INVALID_MESSAGE, "'channels' must be a list of names")
+        removed = []
+        for name in items:
+            if name in req.conn.subs:
+                removed.append(name)
+                await self.unsubscribe(req.conn, name)
+        return {"channels": removed}
+
+    async def subscribe(self, conn: Connection, name: str) -> dict[str, Any]:
+        """Subscribe a connection on the server's initiative (room join, job start)."""
+        entry, finish = await self._attach(conn, name, None)
+        finish()
+        return entry
+
+    async def unsubscribe(self, conn: Connection, name: str) -> None:
+        if self.hub.unsubscribe(conn, name):
+            with contextlib.suppress(BrokerUnavailable):
+                await self.call(self.broker.unsubscribe(name))
+        with contextlib.suppress(BrokerUnavailable):
+            await self.call(self.broker.presence.remove(name, conn.session_id))
+
+    async def _refresh(self, req: Request) -> dict[str, Any]:
+        token = req.data.get("token")
+        if not isinstance(token, str):
+            raise RequestError(ErrorCode.INVALID_MESSAGE, "'token' must be a string")
+        try:
+            claims = self.authenticate(token)
+        except AuthError as exc:
+            raise RequestError(ErrorCode.UNAUTHORIZED, exc.message) from None
+        if claims.sub != req.conn.claims.sub:
+            raise RequestError(ErrorCode.FORBIDDEN, "the new token is for another user")
+        req.conn.claims = claims
+        req.conn.session.refresh(time.monotonic() + (claims.exp - time.time()))
+        return {"expires_at": claims.expires_at_ms}
+
+    # -- recovery ------------------------------------------------------------------------
+    def _on_gap(self, conn: Connection, channel: str) -> None:
+        key = f"{conn.session_id}\0{channel}"
+        if key in self._recovering or conn.closed:
+            return
+        self._recovering.add(key)
+        st = conn.subs.get(channel)
+        if st is not None and st.pending is None:
+            st.pending = []
+        self.spawn(self._recover(conn, channel, key), name=f"recover-{channel}")
+
+    async def _recover(self, conn: Connection, channel: str, key: str) -> None:
+        try:
+            st = conn.subs.get(channel)
+            if st is None:
+                return
+            try:
+                res = await self.call(
+                    self.broker.history(channel, StreamPosition(st.epoch, st.seq), 0)
+                )
+            except BrokerUnavailable:
+                # Try again when the broker is back (on_reconnect re-checks everyone).
+                st.pending = None
+                return
+            if res.recovered:
+                for pub in res.publications:
+                    self.hub.deliver_to(conn, pub)
+            else:
+                st.epoch, st.seq = res.position.epoch, res.position.seq
+                conn.send(
+                    encode_message(
+                        "subscription.reset",
+                        {
+                            "channel": channel,
+                            "epoch": st.epoch,
+                            "seq": st.seq,
+                            "reason": "history does not cover the gap; reload state",
+                        },
+                    )
+                )
+            self._recovering.discard(key)
+            self._drain_pending(conn, channel, st)
+        finally:
+            self._recovering.discard(key)
+
+    # -- broker callbacks ----------------------------------------------------------------
+    def on_publication(self, pub: Publication) -> None:
+        n = self.hub.deliver(pub)
+        if n:
+            self.observer.messages_out(pub.type, n)
+            self.observer.publish_latency(max(0.0, now_ms() - pub.created_ms) / 1000.0)
+
+    def on_control(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        user = message.get("user_id")
+        if op in ("disconnect", "revoke") and isinstance(user, str):
+            default = CloseCode.UNAUTHORIZED if op == "revoke" else CloseCode.DISCONNECTED
+            code = message.get("code") or default
+            reason = str(message.get("reason") or ("token revoked" if op == "revoke" else ""))
+            for conn in list(self.hub.user_connections(user)):
+                conn.close(int(code), reason[:120])
+        elif op == "broadcast" and isinstance(message.get("payload"), str):
+            # Direct message to every local connection of a user (cluster-wide send).
+            target = message.get("user_id")
+            payload = message["payload"].encode()
+            for conn in list(self.hub.user_connections(str(target))):
+                conn.send(payload)
+
+    def on_reconnect(self) -> None:
+        for channel, subs in list(self.hub.channels.items()):
+            for conn in list(subs):
+                self._on_gap(conn, channel)
+
+    # -- server-initiated ----------------------------------------------------------------
+    async def publish(
+        self,
+        channel: str,
+        mtype: str,
+        data: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+    ) -> Publication:
+        """Publish on a channel (backend API, features). Raises ``BrokerUnavailable``."""
+        chan = parse_channel(channel)
+        family = self.settings.history_for(chan.family.value)
+        pub: Publication = await self.call(
+            self.broker.publish(channel, mtype, data, family, idempotency_key=idempotency_key)
+        )
+        return pub
+
+    async def send_to_user(self, user_id: str, mtype: str, data: dict[str, Any]) -> None:
+        """A direct message (no ``seq``) to every connection of a user, on every node."""
+        payload = encode_message(mtype, data).decode()
+        await self.call(
+            self.broker.publish_control({"op": "broadcast", "user_id": user_id, "payload": payload})
+        )
+
+    async def disconnect_user(self, user_id: str, code: int, reason: str) -> None:
+        await self.call(
+            self.broker.publish_control(
+                {"op": "disconnect", "user_id": user_id, "code": code, "reason": reason}
+            )
+        )
+
+    async def revoke_user(self, user_id: str) -> float:
+        """Refuse every token of ``user_id`` issued before now; close their connections."""
+        at = now_ms()
+        await self.call(self.broker.set_value(f"revoked:{user_id}", repr(at), REVOCATION_TTL))
+        await self.call(
+            self.broker.publish_control({"op": "revoke", "user_id": user_id, "code": 4501})
+        )
+        return at
+
+    async def join_room_on_connect(
+        self, conn: Connection, room_id: str, query: dict[str, str]
+    ) -> None:
+        """The playback endpoint joins its room right after the welcome."""
+        if self.room_join is not None:
+            await self.room_join(conn, room_id, query)
+
+    def new_session_id(self) -> str:
+        return uuid.uuid4().hex
+
+    # -- housekeeping ----------------------------------------------------------------
+    async def _sweep(self) -> None:
+        interval = self.settings.heartbeat.interval
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = time.monotonic()
+            for conn in self.hub:
+                if conn.closed:
+                    continue
+                verdict = conn.session.check(now)
+                if verdict is not None:
+                    conn.close(verdict.code, verdict.reason)
+                elif now - conn.session.last_seen >= interval and now - conn.last_ping >= interval:
+                    conn.last_ping = now
+                    conn.transport.ping()

@@ -1,0 +1,1 @@
+"""I/O adapters: aiohttp WebSocket and HTTP endpoints over the transport-free core."""

@@ -1,0 +1,27 @@
+"""An RFC 6455 conformance echo endpoint (``REVENGE_DEBUG_ECHO=1``), off by default.
+
+It runs on the same aiohttp stack and limits as the hub, so conformance suites such as
+Autobahn|Testsuite measure what the hub's clients get.
+"""
+
+from __future__ import annotations
+
+from aiohttp import WSMsgType, web
+
+from .ws import NODE
+
+__all__ = ["echo_handler"]
+
+
+async def echo_handler(request: web.Request) -> web.StreamResponse:
+    settings = request.app[NODE].settings
+    ws = web.WebSocketResponse(
+        compress=False, max_msg_size=settings.limits.message_size, autoping=True
+    )
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type is WSMsgType.TEXT:
+            await ws.send_str(msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            await ws.send_bytes(msg.data)
+    return ws

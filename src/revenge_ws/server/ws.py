@@ -1,0 +1,190 @@
+"""The WebSocket adapter: aiohttp in, the core's :class:`Node` behind.
+
+Everything protocol-shaped happens in the core; this module only authenticates the
+handshake, moves frames, and reports the socket's end. Frames are written straight to
+the socket's transport (the core hands over complete, coalesced frames), so a
+publication costs one buffer append per recipient and one ``write()`` per connection
+per loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from ..auth import Claims
+from ..codes import CloseCode, ErrorCode
+from ..core.node import Node
+from ..exceptions import AuthError, ProtocolError
+from ..protocol import SUBPROTOCOL, now_ms
+from .errors import error_response
+
+__all__ = ["AiohttpTransport", "extract_token", "websocket_handler"]
+
+log = logging.getLogger("revenge_ws.ws")
+NODE: web.AppKey[Node] = web.AppKey("node", Node)
+#: A close handshake gets this long before the socket is simply dropped (s).
+CLOSE_TIMEOUT = 2.0
+_PING_FRAME = b"\x89\x00"
+
+
+class AiohttpTransport:
+    """:class:`~revenge_ws.core.connection.Transport` over an aiohttp WebSocket."""
+
+    __slots__ = ("_closer", "_raw", "_ws")
+
+    def __init__(self, ws: web.WebSocketResponse, raw: asyncio.Transport) -> None:
+        self._ws = ws
+        self._raw = raw
+        self._closer: asyncio.Task[Any] | None = None
+
+    def write(self, data: bytes) -> None:
+        raw = self._raw
+        if not raw.is_closing():
+            raw.write(data)
+
+    def buffered(self) -> int:
+        return self._raw.get_write_buffer_size()
+
+    def ping(self) -> None:
+        self.write(_PING_FRAME)
+
+    def close(self, code: int, reason: str) -> None:
+        if self._closer is None:
+            self._closer = asyncio.get_running_loop().create_task(self._close(code, reason))
+
+    async def _close(self, code: int, reason: str) -> None:
+        # No drain for a slow consumer: it would wait for a reader that never reads.
+        drain = code != CloseCode.SLOW_CONSUMER
+        try:
+            await asyncio.wait_for(
+                self._ws.close(code=code, message=reason.encode()[:120], drain=drain),
+                CLOSE_TIMEOUT,
+            )
+        except (TimeoutError, ConnectionError, RuntimeError):
+            self._raw.abort()
+
+    async def wait_closed(self) -> None:
+        if self._closer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._closer), CLOSE_TIMEOUT + 1)
+
+
+def extract_token(request: web.Request) -> str | None:
+    """The token from, in this order: ``Authorization: Bearer``, ``?token=``, cookie."""
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return request.query.get("token") or request.cookies.get("auth_token")
+
+
+def origin_allowed(request: web.Request, allowed: list[str]) -> bool:
+    origin = request.headers.get("Origin")
+    # A request without Origin is a native app, not a browser: the contract lets it pass.
+    return not allowed or origin is None or origin in allowed
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    node = request.app[NODE]
+    settings = node.settings
+    if node.closing:
+        return error_response(ErrorCode.UNAVAILABLE, "shutting down", retry_after=5)
+    if not origin_allowed(request, settings.allowed_origins):
+        node.observer.handshake_refused("FORBIDDEN")
+        return error_response(ErrorCode.FORBIDDEN, "origin not allowed")
+    try:
+        claims = node.authenticate(extract_token(request))
+    except AuthError as exc:
+        node.observer.handshake_refused(exc.code.value)
+        return error_response(exc.code, exc.message)
+    extra: tuple[str, ...] = ()
+    job_id = request.match_info.get("job_id")
+    room_id = request.match_info.get("room_id")
+    try:
+        if job_id is not None:
+            extra = (await _check_channel(node, claims, f"transcode:{job_id}"),)
+        if room_id is not None and node.room_admission is not None:
+            await node.room_admission(claims, room_id, dict(request.query))
+        elif room_id is not None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "SyncPlay is not enabled on this hub")
+    except ProtocolError as exc:
+        node.observer.handshake_refused(exc.code.value)
+        return error_response(exc.code, exc.message)
+    session_id = node.new_session_id()
+    try:
+        await node.admit(claims, session_id)
+    except AuthError as exc:
+        node.observer.handshake_refused(exc.code.value)
+        retry = node.retry_after() if exc.code is ErrorCode.UNAVAILABLE else None
+        if exc.code is ErrorCode.RATE_LIMITED:
+            retry = 5.0
+        return error_response(exc.code, exc.message, retry_after=retry)
+    try:
+        return await _serve(request, node, claims, session_id, extra, room_id)
+    finally:
+        await node.release_if_unopened(claims, session_id)
+
+
+async def _check_channel(node: Node, claims: Claims, name: str) -> str:
+    from ..core.channels import parse_channel
+
+    await node.policy.check(claims, parse_channel(name))
+    return name
+
+
+async def _serve(
+    request: web.Request,
+    node: Node,
+    claims: Claims,
+    session_id: str,
+    extra: tuple[str, ...],
+    room_id: str | None,
+) -> web.StreamResponse:
+    settings = node.settings
+    ws = web.WebSocketResponse(
+        protocols=(SUBPROTOCOL,),
+        compress=False,
+        max_msg_size=settings.limits.message_size,
+        autoping=False,
+        timeout=CLOSE_TIMEOUT,
+    )
+    await ws.prepare(request)
+    raw = request.transport
+    if raw is None:  # the peer left during the upgrade
+        return ws
+    transport = AiohttpTransport(ws, raw)
+    conn = await node.open(claims, transport, session_id, extra_channels=extra)
+    if room_id is not None:
+        await node.join_room_on_connect(conn, room_id, dict(request.query))
+    try:
+        while not conn.closed:
+            msg = await ws.receive()
+            t = now_ms()
+            kind = msg.type
+            if kind is WSMsgType.TEXT:
+                pending = node.receive(conn, msg.data, t)
+                if pending is not None:
+                    await pending
+            elif kind is WSMsgType.PING:
+                conn.session.touch(node.clock())
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await ws.pong(msg.data)
+            elif kind is WSMsgType.PONG:
+                conn.session.touch(node.clock())
+            elif kind is WSMsgType.BINARY:
+                conn.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
+            else:
+                # CLOSE / CLOSING / CLOSED / ERROR (e.g. too big: aiohttp sent 1009).
+                if kind is WSMsgType.ERROR and ws.close_code is not None:
+                    conn.close_code = ws.close_code
+                break
+    except ConnectionError:
+        pass
+    finally:
+        await transport.wait_closed()
+        await node.closed(conn, ws.close_code)
+    return ws
