@@ -114,7 +114,7 @@ async def drain(app: web.Application) -> None:
 async def serve(
     settings: Settings,
     *,
-    ready: Callable[[int], None] | None = None,
+    ready: Callable[[int, web.Application], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT (or ``stop``), then shut down gracefully within
@@ -149,7 +149,7 @@ async def serve(
         settings.broker.url.split("://", 1)[0],
     )
     if ready is not None:
-        ready(port)
+        ready(port, app)
     try:
         await stop.wait()
     finally:

@@ -90,7 +90,7 @@ class TokenVerifier:
                 options=self._options,
             )
         except jwt.ExpiredSignatureError:
-            raise AuthError("token expired") from None
+            raise AuthError("token expired", expired=True) from None
         except jwt.ImmatureSignatureError:
             raise AuthError("token not yet valid (nbf)") from None
         except jwt.MissingRequiredClaimError as exc:

@@ -84,10 +84,14 @@ class AuthError(RevengeError):
     The message is safe to show to the caller: it never contains the credential.
     """
 
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.UNAUTHORIZED) -> None:
+    def __init__(
+        self, message: str, code: ErrorCode = ErrorCode.UNAUTHORIZED, *, expired: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        #: The credential was valid but has expired (``auth.refresh`` answers TOKEN_EXPIRED).
+        self.expired = expired
 
 
 class StoreError(RevengeError):

@@ -558,7 +558,8 @@ class Node:
         try:
             claims = self.authenticate(token)
         except AuthError as exc:
-            raise RequestError(ErrorCode.UNAUTHORIZED, exc.message) from None
+            code = ErrorCode.TOKEN_EXPIRED if exc.expired else ErrorCode.UNAUTHORIZED
+            raise RequestError(code, exc.message) from None
         if claims.sub != req.conn.claims.sub:
             raise RequestError(ErrorCode.FORBIDDEN, "the new token is for another user")
         req.conn.claims = claims

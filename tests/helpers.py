@@ -1,0 +1,342 @@
+"""Shared test machinery: settings, in-process hubs on real sockets, hub processes,
+private redis-server instances, and a small raw WebSocket client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from revenge_ws.auth import mint_token
+from revenge_ws.config import Settings, load_settings
+
+SECRET = "test-secret-" + "x" * 40
+API_KEY = "test-api-key-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_settings(env: dict[str, str] | None = None, config: str | None = None) -> Settings:
+    base = {
+        "REVENGE_JWT_SECRET": SECRET,
+        "REVENGE_API_KEYS": API_KEY,
+        "REVENGE_SERVER_PORT": "0",
+        "REVENGE_NODE_ID": "test-node",
+        "REVENGE_STORE_URL": "sqlite:///:memory:",
+    }
+    base.update(env or {})
+    return load_settings(config, environ=base)
+
+
+@dataclass
+class Hub:
+    """An in-process hub serving on a real 127.0.0.1 socket."""
+
+    settings: Settings
+    port: int
+    app: web.Application
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+    sessions: list[aiohttp.ClientSession] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/v1/ws"
+
+    @property
+    def node(self) -> Any:
+        from revenge_ws.server.ws import NODE
+
+        return self.app[NODE]
+
+    def token(self, sub: str = "alice", **kw: Any) -> str:
+        return mint_token(self.settings.jwt, sub, **kw)
+
+    async def session(self) -> aiohttp.ClientSession:
+        s = aiohttp.ClientSession()
+        self.sessions.append(s)
+        return s
+
+    async def connect(
+        self, sub: str = "alice", *, path: str = "/api/v1/ws", welcome: bool = True, **kw: Any
+    ) -> WS:
+        s = await self.session()
+        ws = await s.ws_connect(
+            f"{self.url}{path}?token={self.token(sub, **kw)}", protocols=["revenge.v1"]
+        )
+        client = WS(ws)
+        if welcome:
+            client.welcome = await client.recv()
+            assert client.welcome["type"] == "welcome"
+        return client
+
+    async def publish(self, channel: str, mtype: str, data: dict[str, Any], **kw: Any) -> Any:
+        s = await self.session()
+        async with s.post(
+            f"{self.url}/api/v1/realtime/publish",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            json={"channel": channel, "type": mtype, "data": data, **kw},
+        ) as r:
+            return r.status, await r.json()
+
+    async def request(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        s = await self.session()
+        headers = kw.pop("headers", {"Authorization": f"Bearer {API_KEY}"})
+        async with s.request(method, self.url + path, headers=headers, **kw) as r:
+            body = await r.read()
+            try:
+                return r.status, orjson.loads(body)
+            except orjson.JSONDecodeError:
+                return r.status, body.decode()
+
+
+class WS:
+    """A thin raw client: JSON in/out with timeouts, so tests see the wire as it is."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.welcome: dict[str, Any] = {}
+        self._n = 0
+
+    async def send(self, mtype: str, data: dict[str, Any] | None = None, **kw: Any) -> str:
+        self._n += 1
+        mid = kw.pop("id", f"r{self._n}")
+        env: dict[str, Any] = {"type": mtype, "data": data or {}, **kw}
+        if mid is not None:
+            env["id"] = mid
+        await self.ws.send_str(orjson.dumps(env).decode())
+        return str(mid)
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        msg = await self.ws.receive(timeout=timeout)
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            raise AssertionError(
+                f"expected a text frame, got {msg.type} {msg.data!r} {msg.extra!r}"
+            )
+        result: dict[str, Any] = orjson.loads(msg.data)
+        return result
+
+    async def request(
+        self, mtype: str, data: dict[str, Any] | None = None, timeout: float = 5.0
+    ) -> dict[str, Any]:
+        mid = await self.send(mtype, data)
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = await self.recv(max(0.1, deadline - time.monotonic()))
+            if msg.get("id") == mid:
+                return msg
+
+    async def closed(self, timeout: float = 5.0) -> int | None:
+        """Read until the close frame; return the close code."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = await self.ws.receive(timeout=max(0.1, deadline - time.monotonic()))
+            if msg.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.CLOSING,
+            ):
+                return self.ws.close_code
+            if msg.type is aiohttp.WSMsgType.ERROR:
+                return self.ws.close_code
+        raise AssertionError("connection not closed in time")
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+@contextlib.asynccontextmanager
+async def running_hub(settings: Settings) -> AsyncIterator[Hub]:
+    from revenge_ws.app import serve
+
+    stop = asyncio.Event()
+    started: asyncio.Future[tuple[int, web.Application]] = (
+        asyncio.get_running_loop().create_future()
+    )
+    task = asyncio.create_task(
+        serve(settings, ready=lambda p, a: started.set_result((p, a)), stop=stop)
+    )
+    port, app = await asyncio.wait_for(started, 10)
+    hub = Hub(settings, port, app, stop, task)
+    try:
+        yield hub
+    finally:
+        for s in hub.sessions:
+            await s.close()
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+# -- processes -------------------------------------------------------------------------
+@dataclass
+class HubProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    env: dict[str, str]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/v1/ws"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return int(self.proc.returncode)
+
+
+def start_hub_process(
+    env: dict[str, str] | None = None, port: int | None = None, timeout: float = 15.0
+) -> HubProcess:
+    """Start ``python -m revenge_ws serve`` and wait until /healthz answers."""
+    port = port or free_port()
+    full = {k: v for k, v in os.environ.items() if not k.startswith("REVENGE_")}
+    full.update(
+        {
+            "REVENGE_JWT_SECRET": SECRET,
+            "REVENGE_API_KEYS": API_KEY,
+            "REVENGE_SERVER_PORT": str(port),
+            "REVENGE_STORE_URL": "sqlite:///:memory:",
+            "COVERAGE_PROCESS_START": os.environ.get("COVERAGE_PROCESS_START", ""),
+        }
+    )
+    full.update(env or {})
+    fd, log_name = tempfile.mkstemp(prefix="revenge-hub-", suffix=".log")
+    log_file = os.fdopen(fd, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "revenge_ws", "serve"],
+        env=full,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
+    log_file.close()
+    hp = HubProcess(proc, port, full, Path(log_name))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"hub exited with {proc.returncode}:\n{hp.log()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return hp
+        time.sleep(0.05)
+    hp.stop(signal.SIGKILL)
+    raise RuntimeError(f"hub did not start in {timeout}s:\n{hp.log()}")
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A private redis-server on a free port; yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            raise RuntimeError("redis-server is not installed (CI must install it)")
+        import pytest
+
+        pytest.skip("redis-server not installed")
+    port = free_port()
+    tmp = tempfile.mkdtemp(prefix="revenge-redis-")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            tmp,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def raw_upgrade(port: int, path: str, rcvbuf: int = 4096, timeout: float = 5.0) -> socket.socket:
+    """A WebSocket handshake on a plain socket that then never reads (a stuck peer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(timeout)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: revenge.v1\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head and len(head) < 4096:
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 101"):
+        sock.close()
+        raise AssertionError(f"upgrade refused: {head[:200]!r}")
+    return sock
+
+
+def masked_text_frame(payload: bytes) -> bytes:
+    """A client-to-server text frame (masked with a zero key, which RFC 6455 permits)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes([0x81, 0x80 | n])
+    elif n < 65536:
+        head = bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x81, 0x80 | 127]) + n.to_bytes(8, "big")
+    return head + b"\x00\x00\x00\x00" + payload
