@@ -148,3 +148,17 @@ async def test_api_key_never_logged(hub: Hub, caplog: Any) -> None:
         pass
     text = caplog.text
     assert API_KEY not in text and tok not in text
+
+
+async def test_presence_forgets_closed_connections(hub: Hub) -> None:
+    import asyncio
+
+    a = await hub.connect("alice")
+    await a.request("subscribe", {"channels": ["activity"]})
+    await a.close()
+    for _ in range(100):
+        status, body = await hub.request("GET", "/api/v1/realtime/presence/activity")
+        if not body["members"]:
+            break
+        await asyncio.sleep(0.02)
+    assert body["members"] == []

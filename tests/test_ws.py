@@ -302,23 +302,23 @@ async def test_token_expiry_4001_and_refresh(hub_with: Any) -> None:
 async def test_slow_consumer_4002_others_unaffected(hub_with: Any) -> None:
     async with hub_with({"REVENGE_LIMITS_OUTBOUND_QUEUE_BYTES": "65536"}) as hub:
         fast = await hub.connect("fast")
-        await fast.request("subscribe", {"channels": ["activity"]})
+        await fast.request("subscribe", {"channels": ["library:bulk"]})
         stuck = await asyncio.to_thread(
             raw_upgrade, hub.port, f"/api/v1/ws?token={hub.token('slow')}"
         )
         try:
             stuck.sendall(
-                masked_text_frame(b'{"type":"subscribe","data":{"channels":["activity"]}}')
+                masked_text_frame(b'{"type":"subscribe","data":{"channels":["library:bulk"]}}')
             )
             for _ in range(100):
-                if any("activity" in c.subs for c in hub.node.hub.user_connections("slow")):
+                if any("library:bulk" in c.subs for c in hub.node.hub.user_connections("slow")):
                     break
                 await asyncio.sleep(0.02)
             slow_conn = next(iter(hub.node.hub.user_connections("slow")))
             pad = "p" * 60000
             got = 0
             for i in range(300):  # bounded: 18 MB at most
-                await hub.publish("activity", "bulk", {"i": i, "pad": pad})
+                await hub.publish("library:bulk", "bulk", {"i": i, "pad": pad})
                 msg = await fast.recv()
                 assert msg["type"] == "bulk" and msg["data"]["i"] == i
                 got += 1

@@ -21,6 +21,13 @@ from . import __version__
 from .broker import Broker, open_broker
 from .config import Settings
 from .core.node import Node
+from .features.activity import install as install_activity
+from .features.library import DataChangedBody, LibraryEventsBody
+from .features.library import install as install_library
+from .features.notifications import NotifyBody, PreferencesBody
+from .features.notifications import install as install_notifications
+from .features.transcode import TranscodeBody
+from .features.transcode import install as install_transcode
 from .server.http import (
     PROBES,
     REGISTRY,
@@ -32,14 +39,16 @@ from .server.http import (
 )
 from .server.logs import AccessLogger, configure_logging
 from .server.metrics import PrometheusObserver
-from .server.openapi import openapi_document
+from .server.openapi import feature_paths, openapi_document
 from .server.ws import NODE, websocket_handler
+from .store import NotificationStore, open_store
 
 __all__ = ["build_app", "run", "serve"]
 
 log = logging.getLogger("revenge_ws.app")
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
 SEEN: web.AppKey[weakref.WeakSet[Any]] = web.AppKey("seen", weakref.WeakSet)
+STORE: web.AppKey[NotificationStore] = web.AppKey("store", object)  # type: ignore[arg-type]
 
 
 @web.middleware
@@ -69,7 +78,28 @@ def build_app(settings: Settings, *, broker: Broker | None = None) -> web.Applic
         "DisconnectBody": DisconnectBody,
         "RevokeBody": RevokeBody,
     }
-    app[OPENAPI] = openapi_document(models)
+    store = open_store(
+        settings.store.url,
+        retention_days=settings.notifications.retention_days,
+        critical_retention_days=settings.notifications.critical_retention_days,
+        dedupe_window_ms=int(settings.notifications.dedupe_window * 1000),
+    )
+    app[STORE] = store
+    app[PROBES]["store"] = store.ping
+    notifications = install_notifications(node, app, store)
+    install_transcode(node, app)
+    install_library(node, app)
+    install_activity(node)
+    models.update(
+        {
+            "NotifyBody": NotifyBody,
+            "TranscodeBody": TranscodeBody,
+            "LibraryEventsBody": LibraryEventsBody,
+            "DataChangedBody": DataChangedBody,
+            "PreferencesBody": PreferencesBody,
+        }
+    )
+    app[OPENAPI] = openapi_document(models, feature_paths())
     app.router.add_routes(routes())
     for path in (
         "/api/v1/ws",
@@ -88,13 +118,19 @@ def build_app(settings: Settings, *, broker: Broker | None = None) -> web.Applic
         app.router.add_get("/debug/echo", echo_handler)
 
     async def on_startup(app: web.Application) -> None:
+        await store.start()
         await node.start()
+        node.spawn(
+            notifications.cleanup_forever(settings.notifications.cleanup_interval),
+            name="notification-retention",
+        )
 
     async def on_shutdown(app: web.Application) -> None:
         await node.stop()
 
     async def on_cleanup(app: web.Application) -> None:
         await node.close()
+        await store.close()
 
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)

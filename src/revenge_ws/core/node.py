@@ -130,6 +130,10 @@ class Node:
         self.closing = False
         self.started_at = time.time()
         self._admitted: set[str] = set()
+        self._admit_counts: dict[str, int] = {}
+        #: Called with a user's first connection cluster-wide, and after their last.
+        self.on_user_online: list[Hook] = []
+        self.on_user_offline: list[Hook] = []
         lim = settings.limits
         self._limits = SessionLimits(
             inbound_rate=lim.inbound_rate,
@@ -224,9 +228,11 @@ class Node:
                 ErrorCode.RATE_LIMITED,
             )
         self._admitted.add(session_id)
+        self._admit_counts[session_id] = count
 
     async def release_if_unopened(self, claims: Claims, session_id: str) -> None:
         """Uncount an admitted connection whose upgrade never completed."""
+        self._admit_counts.pop(session_id, None)
         if session_id in self._admitted:
             self._admitted.discard(session_id)
             await self.release(claims, session_id)
@@ -316,12 +322,20 @@ class Node:
             session_id,
             extra={"event": "connect", "user_id": claims.sub, "session_id": session_id},
         )
-        for hook in self.on_connect:
+        hooks = list(self.on_connect)
+        if self._admit_counts.pop(session_id, 0) == 1:
+            hooks += self.on_user_online
+        await self._run_hooks(hooks, conn, "connect")
+        return conn
+
+    async def _run_hooks(self, hooks: list[Hook], conn: Connection, what: str) -> None:
+        for hook in hooks:
             try:
                 await hook(conn)
+            except (BrokerUnavailable, StoreUnavailable) as exc:
+                log.warning("%s hook for %s: %s", what, conn.session_id, exc)
             except Exception:
-                log.exception("connect hook failed for %s", session_id)
-        return conn
+                log.exception("%s hook failed for %s", what, conn.session_id)
 
     async def closed(self, conn: Connection, code: int | None) -> None:
         """The socket is gone: forget the connection everywhere."""
@@ -330,6 +344,7 @@ class Node:
         conn.closed = True
         if self.hub.connections.get(conn.session_id) is not conn:
             return
+        channels = list(conn.subs)
         emptied = self.hub.remove(conn)
         duration = time.monotonic() - conn.opened_at
         self.observer.connection_closed(conn.close_code, duration)
@@ -347,17 +362,14 @@ class Node:
                 "duration": round(duration, 3),
             },
         )
-        for hook in self.on_disconnect:
-            try:
-                await hook(conn)
-            except Exception:
-                log.exception("disconnect hook failed for %s", conn.session_id)
+        await self._run_hooks(list(self.on_disconnect), conn, "disconnect")
         with contextlib.suppress(BrokerUnavailable):
             for ch in emptied:
                 await self.call(self.broker.unsubscribe(ch))
-            for ch in conn.subs:
+            for ch in channels:
                 await self.call(self.broker.presence.remove(ch, conn.session_id))
-        await self.release(conn.claims, conn.session_id)
+        if await self.release(conn.claims, conn.session_id) == 0:
+            await self._run_hooks(list(self.on_user_offline), conn, "offline")
 
     def _slow(self, conn: Connection) -> None:
         if not conn.closed:
@@ -426,7 +438,12 @@ class Node:
 
     # -- subscriptions -----------------------------------------------------------------
     async def _attach(
-        self, conn: Connection, name: str, since: StreamPosition | None
+        self,
+        conn: Connection,
+        name: str,
+        since: StreamPosition | None,
+        *,
+        replay_latest: bool = False,
     ) -> tuple[dict[str, Any], Callable[[], None]]:
         """Subscribe ``conn`` to ``name`` (policy already checked).
 
@@ -461,6 +478,10 @@ class Node:
         if since is not None and res.recovered:
             state.epoch, state.seq = since.epoch, since.seq
             missed = res.publications
+        elif replay_latest and latest_pub is not None and latest_pub.epoch == res.position.epoch:
+            # Subscribed by the server (a job started): the latest value follows at once.
+            state.epoch, state.seq = latest_pub.epoch, latest_pub.seq - 1
+            missed = [latest_pub]
         else:
             state.epoch, state.seq = res.position.epoch, res.position.seq
         entry: dict[str, Any] = {
@@ -539,8 +560,15 @@ class Node:
         return {"channels": removed}
 
     async def subscribe(self, conn: Connection, name: str) -> dict[str, Any]:
-        """Subscribe a connection on the server's initiative (room join, job start)."""
-        entry, finish = await self._attach(conn, name, None)
+        """Subscribe a connection on the server's initiative (room join, job start).
+
+        The client is told with a ``subscription.added`` direct message (its position, so
+        it can recover the channel after a reconnect); a latest-value channel's newest
+        publication follows it at once.
+        """
+        entry, finish = await self._attach(conn, name, None, replay_latest=True)
+        conn.automatic.add(name)
+        conn.send(encode_message("subscription.added", entry))
         finish()
         return entry
 
@@ -627,6 +655,18 @@ class Node:
             reason = str(message.get("reason") or ("token revoked" if op == "revoke" else ""))
             for conn in list(self.hub.user_connections(user)):
                 conn.close(int(code), reason[:120])
+        elif op == "subscribe_user" and isinstance(user, str):
+            channel = str(message.get("channel"))
+            limit = self.settings.limits.channels_per_connection
+            for conn in list(self.hub.user_connections(user)):
+                if channel not in conn.subs and len(conn.subs) < limit and not conn.closed:
+                    self.spawn(self.subscribe(conn, channel), name=f"subscribe-{channel}")
+        elif op == "end_channel":
+            channel = str(message.get("channel"))
+            notice = encode_message("subscription.ended", {"channel": channel, "reason": "ended"})
+            for conn in list(self.hub.channels.get(channel, ())):
+                conn.send(notice)
+                self.spawn(self.unsubscribe(conn, channel), name=f"end-{channel}")
         elif op == "broadcast" and isinstance(message.get("payload"), str):
             # Direct message to every local connection of a user (cluster-wide send).
             target = message.get("user_id")

@@ -191,3 +191,85 @@ def openapi_document(
             },
         },
     }
+
+
+def feature_paths() -> dict[str, Any]:
+    """Paths of the live-channel features (notifications, transcode, library, user)."""
+    listing = {
+        "type": "object",
+        "properties": {
+            "items": {"type": "array", "items": {"type": "object"}},
+            "unread_count": {"type": "integer"},
+        },
+    }
+    return {
+        "/api/v1/realtime/notify": {
+            "post": _op(
+                "Store and push a notification to one or more users",
+                security="backend",
+                body="NotifyBody",
+                ok={
+                    "type": "object",
+                    "properties": {
+                        "ids": {"type": "array", "items": {"type": "string"}},
+                        "created": {"type": "array", "items": {"type": "string"}},
+                        "pushed": {"type": "integer"},
+                    },
+                },
+            )
+        },
+        "/api/v1/realtime/transcode/{job_id}": {
+            "post": _op(
+                "A transcoding job's event (progress, complete, error)",
+                security="backend",
+                body="TranscodeBody",
+                params=[_path_param("job_id")],
+                errors=(400, 401, 403, 409, 503),
+            )
+        },
+        "/api/v1/realtime/library/{library_id}/events": {
+            "post": _op(
+                "Library item events, coalesced into library.changed",
+                security="backend",
+                body="LibraryEventsBody",
+                params=[_path_param("library_id")],
+            )
+        },
+        "/api/v1/realtime/user/{user_id}/data_changed": {
+            "post": _op(
+                "A user's data changed (debounced user.data_changed)",
+                security="backend",
+                body="DataChangedBody",
+                params=[_path_param("user_id")],
+            )
+        },
+        "/api/v1/notifications": {
+            "get": _op(
+                "The caller's notifications, newest first",
+                security="user",
+                ok=listing,
+                params=[_query("unread", "boolean"), _query("limit", "integer"), _query("before")],
+                errors=(400, 401, 404, 503),
+            )
+        },
+        "/api/v1/notifications/{id}/read": {
+            "patch": _op(
+                "Mark one notification read",
+                security="user",
+                params=[_path_param("id")],
+                errors=(401, 404, 503),
+            )
+        },
+        "/api/v1/notifications/read-all": {
+            "post": _op("Mark every notification read", security="user", errors=(401, 503))
+        },
+        "/api/v1/notifications/preferences": {
+            "get": _op("Which types are pushed in-app", security="user", errors=(401, 503)),
+            "put": _op(
+                "Set which types are pushed in-app",
+                security="user",
+                body="PreferencesBody",
+                errors=(400, 401, 503),
+            ),
+        },
+    }
