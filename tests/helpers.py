@@ -84,8 +84,9 @@ class Hub:
         self, sub: str = "alice", *, path: str = "/api/v1/ws", welcome: bool = True, **kw: Any
     ) -> WS:
         s = await self.session()
+        sep = "&" if "?" in path else "?"
         ws = await s.ws_connect(
-            f"{self.url}{path}?token={self.token(sub, **kw)}", protocols=["revenge.v1"]
+            f"{self.url}{path}{sep}token={self.token(sub, **kw)}", protocols=["revenge.v1"]
         )
         client = WS(ws)
         if welcome:
@@ -120,6 +121,8 @@ class WS:
         self.ws = ws
         self.welcome: dict[str, Any] = {}
         self._n = 0
+        #: Messages read while waiting for a reply; ``recv`` returns these first.
+        self.backlog: list[dict[str, Any]] = []
 
     async def send(self, mtype: str, data: dict[str, Any] | None = None, **kw: Any) -> str:
         self._n += 1
@@ -131,6 +134,11 @@ class WS:
         return str(mid)
 
     async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        if self.backlog:
+            return self.backlog.pop(0)
+        return await self._read(timeout)
+
+    async def _read(self, timeout: float) -> dict[str, Any]:
         msg = await self.ws.receive(timeout=timeout)
         if msg.type is not aiohttp.WSMsgType.TEXT:
             raise AssertionError(
@@ -145,9 +153,10 @@ class WS:
         mid = await self.send(mtype, data)
         deadline = time.monotonic() + timeout
         while True:
-            msg = await self.recv(max(0.1, deadline - time.monotonic()))
+            msg = await self._read(max(0.1, deadline - time.monotonic()))
             if msg.get("id") == mid:
                 return msg
+            self.backlog.append(msg)
 
     async def closed(self, timeout: float = 5.0) -> int | None:
         """Read until the close frame; return the close code."""

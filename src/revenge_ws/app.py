@@ -26,6 +26,7 @@ from .features.library import DataChangedBody, LibraryEventsBody
 from .features.library import install as install_library
 from .features.notifications import NotifyBody, PreferencesBody
 from .features.notifications import install as install_notifications
+from .features.syncplay import install as install_syncplay
 from .features.transcode import TranscodeBody
 from .features.transcode import install as install_transcode
 from .server.http import (
@@ -39,9 +40,10 @@ from .server.http import (
 )
 from .server.logs import AccessLogger, configure_logging
 from .server.metrics import PrometheusObserver
-from .server.openapi import feature_paths, openapi_document
+from .server.openapi import feature_paths, openapi_document, syncplay_paths
 from .server.ws import NODE, websocket_handler
 from .store import NotificationStore, open_store
+from .syncplay.store import MemoryRoomStore, RoomStore
 
 __all__ = ["build_app", "run", "serve"]
 
@@ -59,6 +61,18 @@ async def _mark_seen(
     if request.transport is not None:
         request.app[SEEN].add(request.transport)
     return await handler(request)
+
+
+def open_room_store(settings: Settings, node: Node) -> RoomStore:
+    """SyncPlay rooms live in the broker: in memory for one node, in Redis for many."""
+    if settings.broker.url.startswith("memory:"):
+        # isolate=False: one process, no copies per request (the engine never mutates a
+        # room before refusing a request, so a refused request leaves it untouched).
+        return MemoryRoomStore(max_rooms=settings.syncplay.max_rooms, isolate=False)
+    from .syncplay.redis_store import RedisRoomStore
+
+    store: RoomStore = RedisRoomStore.for_broker(node.broker, max_rooms=settings.syncplay.max_rooms)
+    return store
 
 
 def build_app(settings: Settings, *, broker: Broker | None = None) -> web.Application:
@@ -90,6 +104,8 @@ def build_app(settings: Settings, *, broker: Broker | None = None) -> web.Applic
     install_transcode(node, app)
     install_library(node, app)
     install_activity(node)
+    rooms = open_room_store(settings, node)
+    syncplay = install_syncplay(node, app, rooms)
     models.update(
         {
             "NotifyBody": NotifyBody,
@@ -99,7 +115,7 @@ def build_app(settings: Settings, *, broker: Broker | None = None) -> web.Applic
             "PreferencesBody": PreferencesBody,
         }
     )
-    app[OPENAPI] = openapi_document(models, feature_paths())
+    app[OPENAPI] = openapi_document(models, {**feature_paths(), **syncplay_paths()})
     app.router.add_routes(routes())
     for path in (
         "/api/v1/ws",
@@ -124,6 +140,7 @@ def build_app(settings: Settings, *, broker: Broker | None = None) -> web.Applic
             notifications.cleanup_forever(settings.notifications.cleanup_interval),
             name="notification-retention",
         )
+        node.spawn(syncplay.tick_forever(), name="syncplay-timeouts")
 
     async def on_shutdown(app: web.Application) -> None:
         await node.stop()

@@ -661,6 +661,19 @@ class Node:
             for conn in list(self.hub.user_connections(user)):
                 if channel not in conn.subs and len(conn.subs) < limit and not conn.closed:
                     self.spawn(self.subscribe(conn, channel), name=f"subscribe-{channel}")
+        elif op == "session" and isinstance(message.get("session_id"), str):
+            target = self.hub.connections.get(message["session_id"])
+            if target is not None:
+                raw = message.get("payload")
+                self.spawn(
+                    self._session_local(
+                        target,
+                        str(message.get("action")),
+                        message.get("channel"),
+                        raw.encode() if isinstance(raw, str) else None,
+                    ),
+                    name="session-action",
+                )
         elif op == "end_channel":
             channel = str(message.get("channel"))
             notice = encode_message("subscription.ended", {"channel": channel, "reason": "ended"})
@@ -702,6 +715,48 @@ class Node:
         await self.call(
             self.broker.publish_control({"op": "broadcast", "user_id": user_id, "payload": payload})
         )
+
+    async def session_action(
+        self,
+        session_id: str,
+        action: str,
+        *,
+        channel: str | None = None,
+        payload: bytes | None = None,
+    ) -> None:
+        """Act on one connection wherever it is: here, or on another node via the broker.
+
+        ``action`` is ``send`` (a direct message), ``subscribe`` or ``unsubscribe``.
+        """
+        conn = self.hub.connections.get(session_id)
+        if conn is not None:
+            await self._session_local(conn, action, channel, payload)
+            return
+        await self.call(
+            self.broker.publish_control(
+                {
+                    "op": "session",
+                    "session_id": session_id,
+                    "action": action,
+                    "channel": channel,
+                    "payload": payload.decode() if payload is not None else None,
+                }
+            )
+        )
+
+    async def _session_local(
+        self, conn: Connection, action: str, channel: str | None, payload: bytes | None
+    ) -> None:
+        if action == "send" and payload is not None:
+            conn.send(payload)
+        elif action == "subscribe" and channel is not None and not conn.closed:
+            await self.subscribe(conn, channel)
+            if channel.startswith("playback:"):
+                conn.room_id = channel.partition(":")[2]
+        elif action == "unsubscribe" and channel is not None:
+            await self.unsubscribe(conn, channel)
+            if channel.startswith("playback:") and conn.room_id == channel.partition(":")[2]:
+                conn.room_id = None
 
     async def disconnect_user(self, user_id: str, code: int, reason: str) -> None:
         await self.call(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from aiohttp import web
@@ -71,14 +72,30 @@ def _ids(data: dict[str, Any]) -> list[str]:
     return ids
 
 
+#: Muted-type lists are cached this long (s): a burst to 1,000 users must not cost 1,000
+#: preference queries. A change made through this node applies at once; through another
+#: node, within this time.
+PREFS_TTL = 10.0
+PREFS_CACHE_MAX = 100_000
+
+
 class Notifications:
     def __init__(self, node: Node, store: NotificationStore) -> None:
         self.node = node
         self.store = store
+        self._muted_cache: dict[str, tuple[float, list[str]]] = {}
 
     async def _muted(self, user_id: str) -> list[str]:
+        now = time.monotonic()
+        hit = self._muted_cache.get(user_id)
+        if hit is not None and now - hit[0] < PREFS_TTL:
+            return hit[1]
         prefs = await self.store.get_preferences(user_id)
-        return [t for t, pushed in prefs.items() if not pushed]
+        muted = [t for t, pushed in prefs.items() if not pushed]
+        if len(self._muted_cache) >= PREFS_CACHE_MAX:
+            self._muted_cache.clear()
+        self._muted_cache[user_id] = (now, muted)
+        return muted
 
     # -- delivery ----------------------------------------------------------------------
     async def notify(self, body: NotifyBody) -> dict[str, Any]:
@@ -160,6 +177,7 @@ class Notifications:
                     ErrorCode.INVALID_MESSAGE, "'preferences' maps types to true/false/null"
                 )
             await self.store.set_preferences(req.claims.sub, prefs)
+            self._muted_cache.pop(req.claims.sub, None)
         return {"preferences": await self.store.get_preferences(req.claims.sub)}
 
     # -- HTTP ----------------------------------------------------------------------------
@@ -196,6 +214,7 @@ class Notifications:
         if request.method == "PUT":
             body = await json_body(request, PreferencesBody)
             await self.store.set_preferences(claims.sub, body.preferences)
+            self._muted_cache.pop(claims.sub, None)
         return json_response({"preferences": await self.store.get_preferences(claims.sub)})
 
     async def cleanup_forever(self, interval: float) -> None:

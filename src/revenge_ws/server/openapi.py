@@ -273,3 +273,46 @@ def feature_paths() -> dict[str, Any]:
             ),
         },
     }
+
+
+def syncplay_paths() -> dict[str, Any]:
+    """SyncPlay REST (contract §9): user JWT; bodies are the WebSocket requests' data."""
+    base = "/api/v1/syncplay"
+    room = [_path_param("room_id")]
+    errors = (400, 401, 403, 404, 409, 503)
+    obj = {"type": "object"}
+
+    def op(
+        summary: str, params: list[dict[str, Any]] | None = None, body: bool = False
+    ) -> dict[str, Any]:
+        o = _op(summary, security="user", params=params, errors=errors)
+        if body:
+            o["requestBody"] = {"required": False, "content": {"application/json": {"schema": obj}}}
+        return o
+
+    return {
+        f"{base}/rooms": {
+            "get": op("Rooms the caller may see"),
+            "post": op("Create a room (data of syncplay.create)", body=True),
+        },
+        f"{base}/rooms/{{room_id}}": {
+            "get": op("A room, its state and members", room),
+            "put": op("Change a room's settings (leader)", room, body=True),
+            "delete": op("End a room (leader or admin)", room),
+        },
+        f"{base}/rooms/{{room_id}}/join": {
+            "post": op("Join (password or invite_code)", room, body=True)
+        },
+        f"{base}/rooms/{{room_id}}/leave": {"post": op("Leave", room)},
+        f"{base}/rooms/{{room_id}}/participants": {"get": op("Members", room)},
+        f"{base}/rooms/{{room_id}}/chat": {
+            "get": op("Chat history", room),
+            "post": op("Send a chat message", room, body=True),
+        },
+        f"{base}/rooms/{{room_id}}/invitations": {
+            "post": op("Create an invitation code", room, body=True)
+        },
+        f"{base}/invitations/{{code}}": {
+            "get": op("The room an invitation code admits to", [_path_param("code")])
+        },
+    }
