@@ -319,3 +319,24 @@ async def test_activity_online_offline_once_per_user(hub: Hub) -> None:
             if msg["type"] == "activity.user_offline":
                 break
     assert seen == ["activity.user_online", "activity.user_offline"]
+
+
+async def test_shutdown_tells_admins_and_flushes_batches(hub_with: Any) -> None:
+    async with hub_with({"REVENGE_CHANNELS_LIBRARY_COALESCE_WINDOW": "60"}) as hub:
+        admin = await hub.connect("root", role="admin")
+        await admin.request("subscribe", {"channels": ["library:l9"]})
+        status, _ = await hub.request(
+            "POST",
+            "/api/v1/realtime/library/l9/events",
+            json={"events": [{"kind": "added", "item_id": "x"}]},
+        )
+        assert status == 200
+        hub.stop.set()
+        seen: list[str] = []
+        for _ in range(10):
+            msg = await admin.ws.receive(timeout=10)
+            if msg.type.name != "TEXT":
+                break
+            seen.append(msg.json()["type"])
+        assert "library.changed" in seen and "server.shutdown" in seen
+        assert admin.ws.close_code == 1012

@@ -133,6 +133,8 @@ class Node:
         self._admit_counts: dict[str, int] = {}
         #: Called with a user's first connection cluster-wide, and after their last.
         self.on_user_online: list[Hook] = []
+        #: Run once when the node starts shutting down, before connections are closed.
+        self.on_stop: list[Callable[[], Awaitable[None]]] = []
         self.on_user_offline: list[Hook] = []
         lim = settings.limits
         self._limits = SessionLimits(
@@ -160,8 +162,15 @@ class Node:
         self._sweeper = asyncio.create_task(self._sweep(), name="revenge-sweeper")
 
     async def stop(self, code: int = CloseCode.SERVICE_RESTART, reason: str = "restart") -> None:
-        """Refuse new connections and close every open one with ``code``."""
-        self.closing = True
+        """Refuse new connections, run the stop hooks (flush batches, tell admins), then
+        close every open connection with ``code``. Idempotent."""
+        if not self.closing:
+            self.closing = True
+            for hook in self.on_stop:
+                try:
+                    await asyncio.wait_for(hook(), self.settings.broker.timeout)
+                except Exception as exc:
+                    log.warning("stop hook failed: %r", exc)
         for conn in self.hub:
             conn.close(code, reason)
         if self._sweeper is not None:

@@ -1,4 +1,4 @@
-"""``activity`` channel: a user's first connection cluster-wide and their last
+"""``activity`` channel and ``server.shutdown``: a user's first connection cluster-wide and their last
 disconnection (not every connection), from the broker's presence counts."""
 
 from __future__ import annotations
@@ -24,5 +24,12 @@ def install(node: Node) -> None:
             {"user_id": conn.user_id, "name": conn.claims.display_name},
         )
 
+    async def shutdown() -> None:
+        # Admins see the node go (contract §3: server.shutdown on the server channel).
+        await node.publish(
+            "server", "server.shutdown", {"node_id": node.node_id, "reason": "restart"}
+        )
+
     node.on_user_online.append(online)
+    node.on_stop.append(shutdown)
     node.on_user_offline.append(offline)

@@ -103,6 +103,11 @@ class Coalescer:
         await asyncio.sleep(self.window)
         await self.flush(library_id)
 
+    async def flush_all(self) -> None:
+        """Shutdown: publish every open batch now rather than lose it."""
+        for library_id in list(self._batches):
+            await self.flush(library_id)
+
     async def flush(self, library_id: str) -> None:
         batch = self._batches.pop(library_id, None)
         if not batch:
@@ -138,7 +143,16 @@ class Debouncer:
 
     async def _flush_later(self, user_id: str) -> None:
         await asyncio.sleep(self.window)
-        items = self._pending.pop(user_id, {})
+        await self.flush(user_id)
+
+    async def flush_all(self) -> None:
+        for user_id in list(self._pending):
+            await self.flush(user_id)
+
+    async def flush(self, user_id: str) -> None:
+        if user_id not in self._pending:
+            return
+        items = self._pending.pop(user_id)
         try:
             await self.node.publish(
                 f"user:{user_id}",
@@ -170,6 +184,8 @@ def install(node: Node, app: web.Application) -> tuple[Coalescer, Debouncer]:
         users.add(user_id, body.item_ids)
         return json_response({"user_id": user_id, "accepted": len(body.item_ids)})
 
+    node.on_stop.append(library.flush_all)
+    node.on_stop.append(users.flush_all)
     app.router.add_post("/api/v1/realtime/library/{library_id}/events", library_events)
     app.router.add_post("/api/v1/realtime/user/{user_id}/data_changed", data_changed)
     return library, users
