@@ -49,6 +49,9 @@ class ServerSettings(_Section):
     max_connections: int = Field(10000, ge=1)
     #: Serve the dashboard/demo pages and the JS client.
     static: bool = True
+    #: Seconds over which clients should spread their reconnects after a restart (advised
+    #: in the 1012 close reason as ``window=N``).
+    restart_window: float = Field(5.0, ge=0, le=300)
 
 
 class NodeSettings(_Section):

@@ -161,9 +161,16 @@ class Node:
         await self.broker.start(self)
         self._sweeper = asyncio.create_task(self._sweep(), name="revenge-sweeper")
 
-    async def stop(self, code: int = CloseCode.SERVICE_RESTART, reason: str = "restart") -> None:
+    async def stop(self, code: int = CloseCode.SERVICE_RESTART, reason: str | None = None) -> None:
         """Refuse new connections, run the stop hooks (flush batches, tell admins), then
-        close every open connection with ``code``. Idempotent."""
+        close every open connection with ``code``. Idempotent.
+
+        The default reason advises clients to spread their reconnects over
+        ``server.restart_window`` seconds (``"restart; window=5"``), so a restart does not
+        turn into a reconnect storm.
+        """
+        if reason is None:
+            reason = f"restart; window={self.settings.server.restart_window:g}"
         if not self.closing:
             self.closing = True
             for hook in self.on_stop:
@@ -627,6 +634,8 @@ class Node:
                 # Try again when the broker is back (on_reconnect re-checks everyone).
                 st.pending = None
                 return
+            if conn.subs.get(channel) is not st:
+                return  # re-subscribed meanwhile: that subscription recovers itself
             if res.recovered:
                 for pub in res.publications:
                     self.hub.deliver_to(conn, pub)

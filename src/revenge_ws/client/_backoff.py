@@ -1,0 +1,123 @@
+"""When to reconnect: full-jitter backoff and the restart spread, as pure functions.
+
+Every function takes its random source explicitly, so a seeded :class:`random.Random`
+makes them deterministic (the tests draw 1,000 samples from them).
+
+Rules (contract §4; numbers from Centrifugo, see ``docs/client.md``):
+
+- network loss and reconnect-class close codes: full-jitter exponential backoff,
+  ``min + U(0, min(max, min · 2^attempt))`` capped at ``max`` (0.5 s → 20 s by default);
+- 1001 going away / 1012 service restart: the first attempt is spread uniformly over
+  the restart window (5 s by default, or what the server advises), so a fleet of
+  clients does not come back in the same second;
+- 4004 rate limited / HTTP 429: wait at least ``rate_limit_wait`` (5 s) plus backoff;
+- HTTP 503 with ``Retry-After``: that long plus a uniform spread over the window.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "ReconnectPolicy",
+    "advised_window",
+    "backoff_delay",
+    "reconnect_delay",
+    "restart_delay",
+]
+
+#: Close codes after which the first reconnect attempt is spread over a window.
+RESTART_CODES = frozenset({1001, 1012})
+#: A server may advise a window in its close reason: ``"restart; window=10"``,
+#: ``"restart window=2500ms"``; seconds unless ``ms`` follows.
+_WINDOW_RE = re.compile(
+    r"(?:^|[\s;,(])(?:restart_|reconnect_)?window\s*[=:]\s*(\d+(?:\.\d+)?)\s*(ms|s)?(?![\w.])",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectPolicy:
+    """The reconnect timing knobs (seconds)."""
+
+    backoff_min: float = 0.5
+    backoff_max: float = 20.0
+    restart_window: float = 5.0
+    rate_limit_wait: float = 5.0
+    #: An advised window (close reason, welcome) is clamped to this.
+    max_window: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.backoff_min <= self.backoff_max:
+            raise ValueError("need 0 < backoff_min <= backoff_max")
+        if self.restart_window < 0 or self.rate_limit_wait < 0 or self.max_window < 0:
+            raise ValueError("windows and waits must not be negative")
+
+
+def backoff_delay(
+    attempt: int, rng: random.Random, minimum: float = 0.5, maximum: float = 20.0
+) -> float:
+    """Full-jitter exponential backoff for the ``attempt``-th retry (0-based).
+
+    ``min + U(0, min(max, min · 2^attempt))``, never above ``max``: attempt 0 waits
+    0.5–1 s, attempt 3 waits 0.5–4.5 s, and from attempt 6 on anything in 0.5–20 s.
+    """
+    step = min(max(attempt, 0), 31)
+    spread = min(maximum, minimum * (2.0**step))
+    return min(maximum, minimum + rng.uniform(0.0, spread))
+
+
+def restart_delay(window: float, rng: random.Random) -> float:
+    """Delay of the first attempt after a server restart: uniform over ``[0, window)``."""
+    if window <= 0 or not math.isfinite(window):
+        return 0.0
+    return rng.uniform(0.0, window)
+
+
+def advised_window(reason: str | None, maximum: float = 300.0) -> float | None:
+    """The restart window a close reason advises (``window=10`` or ``window=2500ms``),
+    clamped to ``[0, maximum]`` seconds; None when it advises none."""
+    if not reason:
+        return None
+    m = _WINDOW_RE.search(reason)
+    if m is None:
+        return None
+    value = float(m.group(1))
+    if (m.group(2) or "s").lower() == "ms":
+        value /= 1000.0
+    return min(max(value, 0.0), maximum)
+
+
+def reconnect_delay(
+    policy: ReconnectPolicy,
+    attempt: int,
+    rng: random.Random,
+    *,
+    code: int | None = None,
+    http_status: int | None = None,
+    retry_after: float | None = None,
+    window: float | None = None,
+) -> float:
+    """Seconds to wait before the next attempt.
+
+    ``attempt`` counts the failed attempts since the last stable connection (0 right
+    after a working connection ended); ``code`` is the close code that ended it (None
+    for a network loss or a failed handshake), ``http_status``/``retry_after`` describe
+    a refused handshake, and ``window`` is a restart window the server advised.
+    """
+    lo, hi = policy.backoff_min, policy.backoff_max
+    spread = policy.restart_window if window is None else min(max(window, 0.0), policy.max_window)
+    if code == 4004 or http_status == 429:
+        floor = max(policy.rate_limit_wait, retry_after or 0.0)
+        return floor + backoff_delay(attempt, rng, lo, hi)
+    if retry_after is not None and retry_after > 0:
+        return max(backoff_delay(attempt, rng, lo, hi), retry_after + restart_delay(spread, rng))
+    if code in RESTART_CODES:
+        delay = restart_delay(spread, rng)
+        if attempt > 0:
+            delay = max(delay, backoff_delay(attempt, rng, lo, hi))
+        return delay
+    return backoff_delay(attempt, rng, lo, hi)
