@@ -26,8 +26,11 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from revenge_ws.auth import mint_token  # noqa: E402
-from tests.helpers import API_KEY, make_settings, start_hub_process  # noqa: E402
+import contextlib
+
+from tests.helpers import API_KEY, make_settings, start_hub_process
+
+from revenge_ws.auth import mint_token
 
 
 async def run(
@@ -44,6 +47,7 @@ async def run(
     try:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
+
             async def client(user: str) -> None:
                 nonlocal got
                 token = mint_token(settings.jwt, user, ttl=3600)
@@ -78,15 +82,18 @@ async def run(
 
             async def notify(targets: list[str], i: int) -> None:
                 nonlocal failures
-                async with sem, session.post(
-                    f"{hp.url}/api/v1/realtime/notify",
-                    headers={"Authorization": f"Bearer {API_KEY}"},
-                    json={
-                        "user_ids": targets,
-                        "notification_type": "content.new_episode",
-                        "title": f"episode {i}",
-                    },
-                ) as r:
+                async with (
+                    sem,
+                    session.post(
+                        f"{hp.url}/api/v1/realtime/notify",
+                        headers={"Authorization": f"Bearer {API_KEY}"},
+                        json={
+                            "user_ids": targets,
+                            "notification_type": "content.new_episode",
+                            "title": f"episode {i}",
+                        },
+                    ) as r,
+                ):
                     if r.status != 200:
                         failures += 1
                     await r.read()
@@ -98,10 +105,8 @@ async def run(
             t0 = time.perf_counter()
             await asyncio.gather(*(notify(t, i) for t, i in calls))
             stored_s = time.perf_counter() - t0
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), timeout)
-            except TimeoutError:
-                pass
             delivered_s = time.perf_counter() - t0
             for t in tasks:
                 t.cancel()
