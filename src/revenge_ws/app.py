@@ -40,7 +40,8 @@ from .server.http import (
 )
 from .server.logs import AccessLogger, configure_logging
 from .server.metrics import PrometheusObserver
-from .server.openapi import feature_paths, openapi_document, syncplay_paths
+from .server.openapi import feature_paths, openapi_document, pages_paths, syncplay_paths
+from .server.pages import install as install_pages
 from .server.ws import NODE, websocket_handler
 from .store import NotificationStore, open_store
 from .syncplay.store import MemoryRoomStore, RoomStore
@@ -51,6 +52,10 @@ log = logging.getLogger("revenge_ws.app")
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
 SEEN: web.AppKey[weakref.WeakSet[Any]] = web.AppKey("seen", weakref.WeakSet)
 STORE: web.AppKey[NotificationStore] = web.AppKey("store", object)  # type: ignore[arg-type]
+#: An idle keep-alive HTTP connection, or one whose next request dribbles in, is closed
+#: this long after its last response (aiohttp's default is 3,630 s; the handshake deadline
+#: only covers a socket's first request).
+KEEPALIVE_TIMEOUT = 75.0
 
 
 @web.middleware
@@ -115,8 +120,17 @@ def build_app(settings: Settings, *, broker: Broker | None = None) -> web.Applic
             "PreferencesBody": PreferencesBody,
         }
     )
-    app[OPENAPI] = openapi_document(models, {**feature_paths(), **syncplay_paths()})
+    app[OPENAPI] = openapi_document(
+        models,
+        {
+            **feature_paths(),
+            **syncplay_paths(),
+            **(pages_paths() if settings.server.static else {}),
+        },
+    )
     app.router.add_routes(routes())
+    if settings.server.static:
+        install_pages(app)
     for path in (
         "/api/v1/ws",
         "/api/v1/ws/playback/{room_id}",
@@ -179,6 +193,7 @@ async def serve(
         access_log_class=AccessLogger,
         handle_signals=False,
         shutdown_timeout=1.0,
+        keepalive_timeout=KEEPALIVE_TIMEOUT,
     )
     await runner.setup()
     stop = stop or asyncio.Event()

@@ -1,5 +1,8 @@
-"""``activity`` channel and ``server.shutdown``: a user's first connection cluster-wide and their last
-disconnection (not every connection), from the broker's presence counts."""
+"""The ``activity`` channel and ``server.shutdown``.
+
+``activity.user_online``/``offline`` follow a user's first connection cluster-wide and
+their last disconnection (not every connection), from the broker's presence counts.
+"""
 
 from __future__ import annotations
 

@@ -148,7 +148,9 @@ async def _serve(
     ws = web.WebSocketResponse(
         protocols=(SUBPROTOCOL,),
         compress=False,
-        max_msg_size=settings.limits.message_size,
+        # aiohttp refuses a message whose size is >= max_msg_size; the contract allows
+        # exactly message_size bytes and closes with 1009 only above it.
+        max_msg_size=settings.limits.message_size + 1,
         autoping=False,
         timeout=CLOSE_TIMEOUT,
     )

@@ -1,0 +1,82 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import {
+  DEFAULT_POLICY,
+  advisedWindow,
+  backoffDelay,
+  reconnectDelay,
+  restartDelay,
+  shouldReconnect,
+} from "../revenge-ws.js";
+import { seeded } from "./fakes.js";
+
+test("full-jitter backoff stays within min + U(0, min(max, min*2^n))", () => {
+  const rng = seeded(1);
+  for (let attempt = 0; attempt < 12; attempt++) {
+    const cap = Math.min(20, 0.5 + Math.min(20, 0.5 * 2 ** attempt));
+    let lo = Infinity;
+    let hi = 0;
+    for (let i = 0; i < 1000; i++) {
+      const d = backoffDelay(attempt, rng);
+      assert.ok(d >= 0.5 && d <= cap, `attempt ${attempt}: ${d}`);
+      lo = Math.min(lo, d);
+      hi = Math.max(hi, d);
+    }
+    // Jitter really spreads the delays (no fleet reconnects in lockstep).
+    assert.ok(hi - lo > (cap - 0.5) * 0.8, `attempt ${attempt} spread ${lo}..${hi}`);
+  }
+  assert.equal(backoffDelay(0, () => 0), 0.5);
+  assert.equal(backoffDelay(0, () => 0.999999), 0.5 + 0.5 * 0.999999);
+  assert.equal(backoffDelay(50, () => 0.999999), 20);
+  assert.equal(backoffDelay(-3, () => 0), 0.5);
+});
+
+test("restart codes spread the first attempt over the window", () => {
+  const rng = seeded(2);
+  for (const code of [1001, 1012]) {
+    const ds = Array.from({ length: 1000 }, () => reconnectDelay(DEFAULT_POLICY, 0, rng, { code }));
+    assert.ok(ds.every((d) => d >= 0 && d < 5));
+    assert.ok(Math.min(...ds) < 0.5 && Math.max(...ds) > 4.5, "uses the whole 5 s window");
+  }
+  // An advised window wins, clamped to maxWindow.
+  const ds = Array.from({ length: 200 }, () => reconnectDelay(DEFAULT_POLICY, 0, rng, { code: 1012, window: 1 }));
+  assert.ok(ds.every((d) => d < 1));
+  assert.equal(restartDelay(0, rng), 0);
+  assert.equal(restartDelay(Infinity, rng), 0);
+  // Later attempts never go below the backoff.
+  for (let i = 0; i < 200; i++) assert.ok(reconnectDelay(DEFAULT_POLICY, 3, rng, { code: 1012 }) >= 0.5);
+});
+
+test("4004 and HTTP 429 wait at least 5 s; Retry-After is honoured", () => {
+  const rng = seeded(3);
+  for (let i = 0; i < 500; i++) {
+    assert.ok(reconnectDelay(DEFAULT_POLICY, i % 8, rng, { code: 4004 }) >= 5);
+    assert.ok(reconnectDelay(DEFAULT_POLICY, 0, rng, { httpStatus: 429, retryAfter: 12 }) >= 12);
+    const d = reconnectDelay(DEFAULT_POLICY, 0, rng, { httpStatus: 503, retryAfter: 3 });
+    assert.ok(d >= 3 && d < 3 + 5 + 1e-9);
+  }
+  for (let i = 0; i < 500; i++) {
+    const d = reconnectDelay(DEFAULT_POLICY, 0, rng, { code: 4002 });
+    assert.ok(d >= 0.5 && d <= 1);
+  }
+});
+
+test("advised windows are parsed from close reasons", () => {
+  assert.equal(advisedWindow("restart; window=10"), 10);
+  assert.equal(advisedWindow("restart window=2500ms"), 2.5);
+  assert.equal(advisedWindow("reconnect_window: 7s"), 7);
+  assert.equal(advisedWindow("window=99999"), 300);
+  assert.equal(advisedWindow("windows=3"), null);
+  assert.equal(advisedWindow("window=3x"), null);
+  assert.equal(advisedWindow(""), null);
+  assert.equal(advisedWindow(null), null);
+});
+
+test("close codes: terminal ones never reconnect (contract §4)", () => {
+  for (const code of [null, undefined, 1001, 1006, 1011, 1012, 4001, 4002, 4003, 4004, 4000, 4499]) {
+    assert.equal(shouldReconnect(code), true, String(code));
+  }
+  for (const code of [1000, 1003, 1008, 1009, 4501, 4503, 4500, 4999]) {
+    assert.equal(shouldReconnect(code), false, String(code));
+  }
+});

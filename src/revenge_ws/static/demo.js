@@ -1,0 +1,442 @@
+// The hub's demo page: notifications as toasts (acknowledged once shown), transcoding
+// progress bars, and a watch party whose <video> follows the room's timeline.
+// Plain ES module, no build step; everything goes through /client/revenge-ws.js.
+import { RequestError, RevengeClient, SyncPlay } from "/client/revenge-ws.js";
+
+const $ = (id) => /** @type {any} */ (document.getElementById(id));
+const params = new URLSearchParams(location.search);
+const TOKEN_KEY = "revenge-ws-demo-token";
+const INVITE_RE = /^[ABCDEFGHJKMNPQRSTUVWXYZ23456789]{8}$/;
+
+/** Everything the page knows; `window.revengeDemo` for the console and for tests. */
+const demo = {
+  client: /** @type {RevengeClient | null} */ (null),
+  party: /** @type {SyncPlay | null} */ (null),
+  video: $("video"),
+  /** notification ids in the order they were shown */
+  shown: /** @type {string[]} */ ([]),
+  /** ids the hub confirmed as acknowledged */
+  acked: new Set(),
+  /** ids waiting to be acknowledged (retried after a reconnect) */
+  toAck: new Set(),
+  jobs: new Map(),
+  inviteCode: null,
+};
+globalThis.revengeDemo = demo;
+
+// ---------------------------------------------------------------- helpers
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("data-")) node.setAttribute(k, v);
+    else node[k] = v;
+  }
+  for (const c of children) if (c != null) node.append(c);
+  return node;
+}
+
+function fmtTime(s) {
+  if (!Number.isFinite(s)) return "0:00";
+  const m = Math.floor(s / 60);
+  return `${m}:${String(Math.floor(s % 60)).padStart(2, "0")}`;
+}
+
+function setStatus(kind, text) {
+  $("status-dot").className = `dot ${kind}`;
+  $("status-text").textContent = text;
+}
+
+function showSignedIn(who) {
+  $("signin").classList.toggle("signed-in", !!who);
+  $("signed-in-as").classList.toggle("hidden", !who);
+  $("signed-in-as").textContent = who ? `Signed in as ${who}.` : "";
+}
+
+function reportError(err) {
+  const text = err instanceof RequestError ? `${err.code}: ${err.message}` : String(err?.message ?? err);
+  $("room-error").textContent = text;
+}
+
+// ---------------------------------------------------------------- connection
+
+function signOut() {
+  const client = demo.client;
+  if (demo.party) demo.party.detach();
+  demo.party = null;
+  demo.client = null;
+  if (client) client.close();
+  sessionStorage.removeItem(TOKEN_KEY);
+  setStatus("", "signed out");
+  $("who").textContent = "";
+  $("clock").classList.add("hidden");
+  $("disconnect").disabled = true;
+  showSignedIn(null);
+  for (const id of ["create", "join"]) $(id).disabled = true;
+  showRoom(null);
+}
+
+function signIn(token) {
+  signOut();
+  sessionStorage.setItem(TOKEN_KEY, token);
+  const client = new RevengeClient("/api/v1/ws", { token });
+  demo.client = client;
+  $("disconnect").disabled = false;
+
+  client.on("client.state", (ev) => {
+    const s = ev.data.state;
+    if (s === "connected") setStatus("warn", "syncing…");
+    else if (s === "connecting") setStatus("warn", "connecting…");
+  });
+  client.on("client.connected", (ev) => {
+    setStatus("ok", "connected");
+    $("who").textContent = `${ev.data.user_id} · node ${ev.data.node_id}`;
+    showSignedIn(ev.data.user_id);
+    for (const id of ["create", "join"]) $(id).disabled = false;
+    flushAcks();
+  });
+  client.on("client.disconnected", (ev) => {
+    const d = ev.data;
+    if (d.reconnect_in == null) return;
+    setStatus("warn", `reconnecting in ${d.reconnect_in.toFixed(1)} s${d.code ? ` (close ${d.code})` : ""}`);
+  });
+  client.on("client.closed", (ev) => {
+    if (client !== demo.client) return;
+    const d = ev.data;
+    setStatus("bad", d.code ? `closed (${d.code}): ${d.reason}` : "closed");
+    showSignedIn(null);
+  });
+  client.on("notification", (msg) => showNotification(msg.data));
+  client.on("client.recovery_failed", (ev) => {
+    // Some notifications may have been lost: the hub re-sends every unacknowledged one at
+    // the next connect; transcode bars get their latest value with the re-subscription.
+    console.info("revenge-ws demo: recovery failed on", ev.data.channel);
+  });
+  for (const type of ["transcode.progress", "transcode.complete", "transcode.error"]) {
+    client.on(type, (msg) => updateJob(msg));
+  }
+  client.on("subscription.added", (msg) => {
+    const latest = msg.data?.latest;
+    if (msg.data?.channel?.startsWith("transcode:")) ensureJob(msg.data.channel.slice(10));
+    if (latest) updateJob(latest);
+  });
+  client.on("subscription.ended", (msg) => {
+    const ch = msg.data?.channel;
+    if (ch?.startsWith("transcode:")) finishJob(ch.slice(10));
+  });
+  setupParty(client);
+  client.start();
+}
+
+setInterval(() => {
+  const client = demo.client;
+  if (!client || !client.connected) return;
+  const rtt = client.rtt;
+  const off = client.clockOffset;
+  const pill = $("clock");
+  pill.classList.remove("hidden");
+  pill.textContent = `rtt ${rtt == null ? "–" : rtt.toFixed(1)} ms · offset ${off == null ? "–" : off.toFixed(1)} ms`;
+}, 1000);
+
+// ---------------------------------------------------------------- notifications
+
+function showNotification(n) {
+  if (!n || n.id == null) return;
+  const id = String(n.id);
+  if (demo.shown.includes(id)) {
+    // Shown before but its acknowledgement was lost: acknowledge it again.
+    if (!demo.acked.has(id)) queueAck(id);
+    return;
+  }
+  demo.shown.push(id);
+  const toast = el(
+    "div",
+    { class: `toast ${n.priority ?? "normal"}`, "data-id": id },
+    el("div", { class: "title", textContent: n.title ?? n.notification_type ?? "Notification" }),
+    n.body ? el("div", { class: "body", textContent: n.body }) : null,
+    el("div", { class: "meta", textContent: `${n.notification_type ?? ""} · ${n.priority ?? "normal"}` }),
+  );
+  $("toasts").prepend(toast);
+  setTimeout(() => toast.remove(), 8000);
+  const inbox = $("inbox");
+  inbox.querySelector(".empty")?.remove();
+  inbox.prepend(
+    el("li", { "data-id": id }, el("b", { textContent: n.title ?? "Notification" }), " ", el("span", { class: "muted", textContent: n.body ?? "" })),
+  );
+  $("unread").textContent = String(inbox.querySelectorAll("li[data-id]").length);
+  // Acknowledged once seen: the next frame is painted only while the page is visible.
+  const seen = () => requestAnimationFrame(() => queueAck(id));
+  if (document.visibilityState === "visible") seen();
+  else document.addEventListener("visibilitychange", seen, { once: true });
+}
+
+let ackTimer = null;
+function queueAck(id) {
+  demo.toAck.add(id);
+  if (ackTimer === null) ackTimer = setTimeout(flushAcks, 150);
+}
+
+async function flushAcks() {
+  ackTimer = null;
+  const client = demo.client;
+  const ids = [...demo.toAck];
+  if (!client || !client.connected || ids.length === 0) return;
+  try {
+    await client.ackNotifications(ids);
+    for (const id of ids) {
+      demo.toAck.delete(id);
+      demo.acked.add(id);
+    }
+  } catch (err) {
+    // Retried at the next connect (client.connected).
+    console.warn("revenge-ws demo: ack failed", err);
+  }
+}
+
+// ---------------------------------------------------------------- transcoding
+
+function ensureJob(jobId) {
+  let job = demo.jobs.get(jobId);
+  if (job) return job;
+  $("jobs-empty")?.classList.add("hidden");
+  const fill = el("div");
+  const label = el("span", { class: "muted mono", textContent: "waiting" });
+  const node = el(
+    "div",
+    { class: "job", "data-job": jobId },
+    el("div", { class: "head" }, el("span", { textContent: jobId }), label),
+    el("div", { class: "bar" }, fill),
+  );
+  $("jobs").append(node);
+  job = { node, fill, label, progress: 0 };
+  demo.jobs.set(jobId, job);
+  return job;
+}
+
+function updateJob(msg) {
+  const jobId = msg.data?.job_id ?? msg.channel?.slice(10);
+  if (!jobId) return;
+  const job = ensureJob(jobId);
+  const d = msg.data ?? {};
+  if (msg.type === "transcode.complete") {
+    job.progress = 100;
+    job.node.classList.add("done");
+    job.label.textContent = "done";
+  } else if (msg.type === "transcode.error") {
+    job.node.classList.add("error");
+    job.label.textContent = `error${d.message ? `: ${d.message}` : ""}`;
+  } else {
+    const p = Number(d.progress ?? d.percent ?? 0);
+    job.progress = Math.max(0, Math.min(100, p));
+    const eta = Number.isFinite(d.eta_seconds) ? ` · ${fmtTime(d.eta_seconds)} left` : "";
+    job.label.textContent = `${job.progress.toFixed(1)} %${d.status ? ` · ${d.status}` : ""}${eta}`;
+  }
+  job.fill.style.width = `${job.progress}%`;
+  job.node.dataset.progress = String(job.progress);
+}
+
+function finishJob(jobId) {
+  const job = demo.jobs.get(jobId);
+  if (!job) return;
+  setTimeout(() => {
+    job.node.remove();
+    demo.jobs.delete(jobId);
+    if (demo.jobs.size === 0) $("jobs-empty")?.classList.remove("hidden");
+  }, 10_000);
+}
+
+$("watch-job").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const id = $("job-id").value.trim();
+  if (!id || !demo.client) return;
+  try {
+    const [entry] = await demo.client.subscribe(`transcode:${id}`);
+    ensureJob(id);
+    if (entry?.latest) updateJob(entry.latest);
+    $("job-id").value = "";
+  } catch (err) {
+    alert(err?.message ?? err);
+  }
+});
+
+// ---------------------------------------------------------------- watch party
+
+const video = demo.video;
+const controlIds = ["play", "pause", "back", "fwd", "rate", "seekbar"];
+
+function setupParty(client) {
+  const party = new SyncPlay(client, video);
+  demo.party = party;
+  party.on("room", (room) => {
+    showRoom(room);
+    const src = room.content?.id;
+    if (src && video.getAttribute("src") !== src) {
+      video.src = src;
+      video.load();
+    }
+  });
+  party.on("state", (state) => {
+    $("room-state").textContent = state.state;
+    $("room-state").className = `badge ${state.state === "playing" ? "ok" : state.state === "waiting" ? "warn" : "accent"}`;
+  });
+  party.on("members", (members) => renderMembers(members));
+  party.on("chat", (m) => {
+    const log = $("chatlog");
+    log.append(el("div", {}, el("b", { textContent: m.username ?? m.user_id }), ` ${m.message}`));
+    log.scrollTop = log.scrollHeight;
+  });
+  party.on("ended", (d) => {
+    showRoom(null);
+    $("room-error").textContent = `The room ended (${d.reason}).`;
+  });
+  party.on("autoplay-blocked", () => $("unmute").classList.remove("hidden"));
+  party.on("error", (err) => console.warn("revenge-ws demo:", err));
+}
+
+function showRoom(room) {
+  const inRoom = !!room;
+  $("no-room").classList.toggle("hidden", inRoom);
+  $("in-room").classList.toggle("hidden", !inRoom);
+  for (const id of controlIds) $(id).disabled = !inRoom;
+  if (!inRoom) {
+    $("room-state").textContent = "no room";
+    $("room-state").className = "badge";
+    $("members").replaceChildren();
+    $("chatlog").replaceChildren();
+    $("invite-code").textContent = "–";
+    return;
+  }
+  $("room-error").textContent = "";
+  $("room-name-view").textContent = room.name;
+  $("room-id").textContent = room.room_id;
+  $("room-leader").textContent = room.leader_id ?? "–";
+  const url = new URL(location.href);
+  url.searchParams.set("room", room.room_id);
+  history.replaceState(null, "", url);
+}
+
+function renderMembers(members) {
+  const box = $("members");
+  box.replaceChildren(
+    ...members.map((m) => {
+      const state = m.is_buffering ? ["warn", "buffering"] : m.is_ready ? ["ok", "ready"] : ["", "loading"];
+      const rtt = m.rtt_ms == null ? "" : ` · ${Math.round(m.rtt_ms)} ms`;
+      return el(
+        "span",
+        { class: `badge ${state[0]}`, "data-user": m.user_id, title: state[1] },
+        `${m.is_leader ? "★ " : ""}${m.username ?? m.user_id} · ${state[1]}${rtt}`,
+      );
+    }),
+  );
+  const leader = members.find((m) => m.is_leader);
+  if (leader) $("room-leader").textContent = leader.username ?? leader.user_id;
+}
+
+$("create-room").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const party = demo.party;
+  const media = $("media-url").value.trim();
+  if (!party || !media) {
+    $("room-error").textContent = "Give the video URL the room will play.";
+    return;
+  }
+  try {
+    video.src = media;
+    video.load();
+    await party.create({ name: $("room-name").value.trim() || "Watch party", content: { type: "movie", id: media } });
+  } catch (err) {
+    reportError(err);
+  }
+});
+
+$("join-room").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const party = demo.party;
+  const raw = $("join-id").value.trim();
+  if (!party || !raw) return;
+  const code = raw.replace(/[-\s]/g, "").toUpperCase();
+  const password = $("join-password").value || undefined;
+  try {
+    if (INVITE_RE.test(code) && raw.length <= 9) await party.join(null, { inviteCode: code });
+    else await party.join(raw, { password });
+  } catch (err) {
+    reportError(err);
+  }
+});
+
+const act = (fn) => async () => {
+  try {
+    await fn();
+  } catch (err) {
+    reportError(err);
+  }
+};
+$("play").addEventListener("click", act(() => demo.party.play()));
+$("pause").addEventListener("click", act(() => demo.party.pause()));
+$("back").addEventListener("click", act(() => demo.party.seek(Math.max(0, (demo.party.target() ?? 0) - 10))));
+$("fwd").addEventListener("click", act(() => demo.party.seek((demo.party.target() ?? 0) + 10)));
+$("rate").addEventListener("change", act(() => demo.party.setRate(Number($("rate").value))));
+$("seekbar").addEventListener("change", act(() => demo.party.seek(Number($("seekbar").value))));
+$("leave").addEventListener(
+  "click",
+  act(async () => {
+    await demo.party.leave();
+    showRoom(null);
+  }),
+);
+$("invite").addEventListener(
+  "click",
+  act(async () => {
+    const r = await demo.party.invite();
+    demo.inviteCode = r.code;
+    $("invite-code").textContent = r.code;
+  }),
+);
+$("chat-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const text = $("chat-input").value.trim();
+  if (!text || !demo.party?.roomId) return;
+  $("chat-input").value = "";
+  await act(() => demo.party.chat(text))();
+});
+$("unmute").addEventListener("click", () => {
+  video.muted = false;
+  $("unmute").classList.add("hidden");
+});
+
+// Drift and position, a few times a second.
+setInterval(() => {
+  const party = demo.party;
+  const target = party?.roomId ? party.target() : null;
+  const dur = Number.isFinite(video.duration) ? video.duration : 0;
+  $("time").textContent = `${fmtTime(video.currentTime)} / ${fmtTime(dur)}`;
+  const bar = $("seekbar");
+  bar.max = String(dur || 100);
+  if (document.activeElement !== bar) bar.value = String(video.currentTime);
+  if (target == null) {
+    $("drift").textContent = "–";
+    return;
+  }
+  const drift = (video.currentTime - target) * 1000;
+  $("drift").textContent = `${drift >= 0 ? "+" : "−"}${Math.abs(drift).toFixed(0)} ms · ${video.playbackRate.toFixed(2)}×`;
+}, 250);
+
+// ---------------------------------------------------------------- start
+
+$("signin").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const token = $("token").value.trim();
+  if (token) signIn(token);
+});
+$("disconnect").addEventListener("click", () => {
+  $("token").value = "";
+  signOut();
+});
+if (params.get("media")) $("media-url").value = params.get("media");
+if (params.get("room")) $("join-id").value = params.get("room");
+const saved = sessionStorage.getItem(TOKEN_KEY);
+if (saved) {
+  $("token").value = saved;
+  signIn(saved);
+}
