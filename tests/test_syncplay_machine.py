@@ -774,7 +774,13 @@ def test_set_content_resets_the_room() -> None:
     w = World()
     w.playing("bob")
     out = w.do("bob", "set_content", content={"type": "episode", "id": "e7"})
-    assert types(out) == ["syncplay.room_updated", "syncplay.state"]
+    # Every member is told it is loading the new content (not ready).
+    assert types(out) == [
+        "syncplay.room_updated",
+        "syncplay.member_updated",
+        "syncplay.member_updated",
+        "syncplay.state",
+    ]
     assert w.room.state == "idle"
     assert w.room.position == 0.0
     assert w.room.content == {"type": "episode", "id": "e7"}

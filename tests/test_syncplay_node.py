@@ -215,3 +215,23 @@ async def test_user_watching_for_public_rooms(hub: Hub) -> None:
         if msg["data"]["user_id"] == "alice":
             break
     assert msg["data"]["room_id"] == rid and msg["data"]["content"] == CONTENT
+
+
+async def test_refused_join_keeps_the_room_and_leaving_ends_the_subscription(hub: Hub) -> None:
+    a = await hub.connect("alice")
+    b = await hub.connect("bob")
+    mine = (await create(a))["room_id"]
+    locked = (await create(b, password="pw"))["room_id"]
+    refused = await a.request("syncplay.join", {"room_id": locked, "password": "wrong"})
+    assert refused["data"]["code"] == "FORBIDDEN"
+    # Still in its own room: it still controls it.
+    assert (await a.request("syncplay.pause", {"room_id": mine}))["type"] == "ack"
+    await b.request("syncplay.invite", {"room_id": locked})
+    c = await hub.connect("carol")
+    await c.request("syncplay.join", {"room_id": mine})
+    left = await c.request("syncplay.leave", {"room_id": mine})
+    assert left["type"] == "ack"
+    member_left = await next_of(c, "syncplay.member_left")
+    assert member_left["data"]["user_id"] == "carol"
+    ended = await next_of(c, "subscription.ended")
+    assert ended["data"] == {"channel": f"playback:{mine}", "reason": "left"}

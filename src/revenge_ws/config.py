@@ -190,7 +190,7 @@ class ChannelSettings(_Section):
 
 class SyncplaySettings(_Section):
     sync_threshold: float = Field(2.0, gt=0)
-    min_lead_ms: float = Field(500.0, ge=0)
+    min_lead_ms: float = Field(500.0, gt=0, le=5000)
     buffering_timeout_first: float = Field(60.0, gt=0)
     buffering_timeout: float = Field(10.0, gt=0)
     idle_end_hours: float = Field(24.0, gt=0)

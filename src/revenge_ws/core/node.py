@@ -687,12 +687,14 @@ class Node:
             target = self.hub.connections.get(message["session_id"])
             if target is not None:
                 raw = message.get("payload")
+                after = message.get("after_seq")
                 self.spawn(
                     self._session_local(
                         target,
                         str(message.get("action")),
                         message.get("channel"),
                         raw.encode() if isinstance(raw, str) else None,
+                        after if isinstance(after, int) else None,
                     ),
                     name="session-action",
                 )
@@ -745,14 +747,16 @@ class Node:
         *,
         channel: str | None = None,
         payload: bytes | None = None,
+        after_seq: int | None = None,
     ) -> None:
         """Act on one connection wherever it is: here, or on another node via the broker.
 
-        ``action`` is ``send`` (a direct message), ``subscribe`` or ``unsubscribe``.
+        ``action`` is ``send`` (a direct message), ``subscribe`` or ``unsubscribe``; an
+        unsubscribe waits (bounded) until the connection got ``after_seq`` on the channel.
         """
         conn = self.hub.connections.get(session_id)
         if conn is not None:
-            await self._session_local(conn, action, channel, payload)
+            await self._session_local(conn, action, channel, payload, after_seq)
             return
         await self.call(
             self.broker.publish_control(
@@ -762,12 +766,18 @@ class Node:
                     "action": action,
                     "channel": channel,
                     "payload": payload.decode() if payload is not None else None,
+                    "after_seq": after_seq,
                 }
             )
         )
 
     async def _session_local(
-        self, conn: Connection, action: str, channel: str | None, payload: bytes | None
+        self,
+        conn: Connection,
+        action: str,
+        channel: str | None,
+        payload: bytes | None,
+        after_seq: int | None = None,
     ) -> None:
         if action == "send" and payload is not None:
             conn.send(payload)
@@ -776,9 +786,24 @@ class Node:
             if channel.startswith("playback:"):
                 conn.room_id = channel.partition(":")[2]
         elif action == "unsubscribe" and channel is not None:
+            if after_seq is not None:
+                await self._delivered(conn, channel, after_seq)
+            if channel not in conn.subs:
+                return
             await self.unsubscribe(conn, channel)
+            conn.send(encode_message("subscription.ended", {"channel": channel, "reason": "left"}))
             if channel.startswith("playback:") and conn.room_id == channel.partition(":")[2]:
                 conn.room_id = None
+
+    async def _delivered(
+        self, conn: Connection, channel: str, seq: int, limit: float = 2.0
+    ) -> None:
+        """Wait until ``conn`` got publication ``seq`` of ``channel`` (or ``limit`` s)."""
+        for _ in range(int(limit / 0.01)):
+            st = conn.subs.get(channel)
+            if st is None or conn.closed or (st.pending is None and st.seq >= seq):
+                return
+            await asyncio.sleep(0.01)
 
     async def disconnect_user(self, user_id: str, code: int, reason: str) -> None:
         await self.call(

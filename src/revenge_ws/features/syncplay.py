@@ -89,9 +89,8 @@ class SyncPlay:
         if name == "list":
             rooms = await self.store.list_all()
             return machine.list_rooms(rooms, actor)
+        previous = conn.room_id if conn is not None else None
         if name == "create":
-            if conn is not None and conn.room_id is not None:
-                await self._leave_current(conn, actor)
             outcome = machine.handle(
                 None, name, data, actor, now, settings=self.settings, ids=self.ids
             )
@@ -106,8 +105,6 @@ class SyncPlay:
                 room_id = found.room_id
             if not isinstance(room_id, str) or not room_id:
                 raise RequestError(ErrorCode.INVALID_MESSAGE, "'room_id' must be a string")
-            if name == "join" and conn is not None and conn.room_id not in (None, room_id):
-                await self._leave_current(conn, actor)
 
             def step(room: Room) -> Outcome:
                 return machine.handle(
@@ -116,16 +113,22 @@ class SyncPlay:
 
             outcome = await self.store.update(room_id, step)
         await self.apply(outcome)
+        # A connection is in at most one room: only once the new one admitted it does it
+        # leave the old one (a refused join leaves it where it was).
+        if (
+            name in ("create", "join")
+            and conn is not None
+            and outcome.room is not None
+            and previous not in (None, outcome.room.room_id)
+        ):
+            assert previous is not None
+            await self._leave(conn, actor, previous)
         if name in ("create", "join") and outcome.room is not None and outcome.room.public:
             await self._watching(actor, outcome.room)
         return outcome.reply
 
-    async def _leave_current(self, conn: Connection, actor: Actor) -> None:
-        """A connection is in at most one room: joining another leaves the first."""
-        old = conn.room_id
-        conn.room_id = None
-        if old is None:
-            return
+    async def _leave(self, conn: Connection, actor: Actor, old: str) -> None:
+        """Leave ``old`` on behalf of a connection that moved to another room."""
         with contextlib.suppress(RequestError):
             outcome = await self.store.update(
                 old,
@@ -150,9 +153,11 @@ class SyncPlay:
 
     async def apply(self, outcome: Outcome) -> None:
         """Carry out the engine's effects, in order, after the room was stored."""
+        published: dict[str, int] = {}
         for effect in outcome.effects:
             if isinstance(effect, Publish):
-                await self.node.publish(effect.channel, effect.type, effect.data)
+                pub = await self.node.publish(effect.channel, effect.type, effect.data)
+                published[effect.channel] = pub.seq
             elif isinstance(effect, Direct):
                 if effect.session_id is not None:
                     payload = encode_message(effect.type, effect.data)
@@ -162,8 +167,13 @@ class SyncPlay:
                     effect.session_id, "subscribe", channel=effect.channel
                 )
             elif isinstance(effect, Unsubscribe):
+                # After the publications it must still see (its own member_left, ended):
+                # with Redis they come back asynchronously.
                 await self.node.session_action(
-                    effect.session_id, "unsubscribe", channel=effect.channel
+                    effect.session_id,
+                    "unsubscribe",
+                    channel=effect.channel,
+                    after_seq=published.get(effect.channel),
                 )
 
     # -- node seams --------------------------------------------------------------------------

@@ -1223,6 +1223,9 @@ def _set_content(ctx: _Ctx, actor: Actor, req: _SetContentReq) -> dict[str, Any]
         m.not_ready_since = now
     ctx.log("content", actor.user_id, content=content)
     ctx.publish("syncplay.room_updated", {"room": room.view()})
+    # Everyone is loading the new content: members' views must say so.
+    for m in _by_seniority(room.members.values()):
+        ctx.publish_member(m)
     ctx.publish_state()
     return _state_reply(ctx)
 
