@@ -163,11 +163,11 @@ class WS:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             msg = await self.ws.receive(timeout=max(0.1, deadline - time.monotonic()))
-            if msg.type in (
-                aiohttp.WSMsgType.CLOSE,
-                aiohttp.WSMsgType.CLOSED,
-                aiohttp.WSMsgType.CLOSING,
-            ):
+            if msg.type is aiohttp.WSMsgType.CLOSE:
+                # The code in the server's close frame (aiohttp's close_code reads 1006
+                # when the server drops TCP before the client's reply went out).
+                return int(msg.data)
+            if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
                 return self.ws.close_code
             if msg.type is aiohttp.WSMsgType.ERROR:
                 return self.ws.close_code
