@@ -32,10 +32,10 @@ def open_broker(settings: Settings) -> Broker:
     if scheme == "memory":
         from .memory import MemoryBroker
 
-        return MemoryBroker()
+        return MemoryBroker(idempotency_ttl=settings.history.idempotency_ttl)
     if scheme in ("redis", "rediss", "unix"):
         try:
-            from .redis import RedisBroker  # type: ignore[import-not-found,unused-ignore]
+            from .redis import RedisBroker
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ConfigError(
                 "REVENGE_BROKER_URL is redis:// but the redis package is missing: "

@@ -80,7 +80,11 @@ class MemoryBroker:
     """
 
     def __init__(
-        self, *, max_channels: int = 100_000, clock: Callable[[], float] = time.time
+        self,
+        *,
+        max_channels: int = 100_000,
+        idempotency_ttl: float = 600.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._presence = MemoryPresence()
         self._handler: BrokerHandler | None = None
@@ -88,6 +92,7 @@ class MemoryBroker:
         self._subscribed: set[str] = set()
         self._kv: dict[str, tuple[str, float]] = {}
         self._max_channels = max_channels
+        self._idempotency_ttl = idempotency_ttl
         self._clock = clock
 
     @property
@@ -143,7 +148,7 @@ class MemoryBroker:
                 st.history = deque(st.history, maxlen=history.size)
             st.history.append(pub)
         if idem is not None:
-            self._kv_set(idem, f"{st.epoch}:{st.seq}", now + 600.0)
+            self._kv_set(idem, f"{st.epoch}:{st.seq}", now + self._idempotency_ttl)
         if channel in self._subscribed and self._handler is not None:
             self._handler.on_publication(pub)
         return pub

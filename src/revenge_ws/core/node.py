@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import orjson
 
 from ..auth import Claims, TokenVerifier
-from ..broker.base import Broker, PresenceInfo, Publication
+from ..broker.base import Broker, HistoryResult, PresenceInfo, Publication
 from ..codes import CloseCode, ErrorCode
 from ..config import Settings
 from ..exceptions import (
@@ -54,6 +54,9 @@ conn_log = logging.getLogger("revenge_ws.connections")
 
 #: How often the sweeper checks heartbeats and token expiry (s).
 SWEEP_INTERVAL = 1.0
+#: Channels re-checked against history at once after a broker outage, and tries per channel.
+RECOVERY_CONCURRENCY = 16
+RECOVERY_ATTEMPTS = 5
 #: Revocations are remembered this long (longer than any sane token lifetime).
 REVOCATION_TTL = 30 * 24 * 3600.0
 
@@ -640,26 +643,83 @@ class Node:
                 return
             if conn.subs.get(channel) is not st:
                 return  # re-subscribed meanwhile: that subscription recovers itself
-            if res.recovered:
-                for pub in res.publications:
-                    self.hub.deliver_to(conn, pub)
-            else:
-                st.epoch, st.seq = res.position.epoch, res.position.seq
-                conn.send(
-                    encode_message(
-                        "subscription.reset",
-                        {
-                            "channel": channel,
-                            "epoch": st.epoch,
-                            "seq": st.seq,
-                            "reason": "history does not cover the gap; reload state",
-                        },
-                    )
-                )
             self._recovering.discard(key)
-            self._drain_pending(conn, channel, st)
+            self._catch_up(conn, channel, st, res)
         finally:
             self._recovering.discard(key)
+
+    def _catch_up(self, conn: Connection, channel: str, st: SubState, res: HistoryResult) -> None:
+        """Send what ``res`` proves ``conn`` missed, or tell it the gap cannot be filled;
+        then release the live publications buffered meanwhile."""
+        if st.epoch == res.position.epoch and (res.recovered or st.seq == res.position.seq):
+            for pub in res.publications:
+                self.hub.deliver_to(conn, pub)  # skips what it already has
+        else:
+            st.epoch, st.seq = res.position.epoch, res.position.seq
+            conn.send(
+                encode_message(
+                    "subscription.reset",
+                    {
+                        "channel": channel,
+                        "epoch": st.epoch,
+                        "seq": st.seq,
+                        "reason": "history does not cover the gap; reload state",
+                    },
+                )
+            )
+        self._drain_pending(conn, channel, st)
+
+    async def _recover_all(self) -> None:
+        """After a broker outage: one history read per channel (not per connection),
+        a bounded number at a time, each retried with backoff."""
+        sem = asyncio.Semaphore(RECOVERY_CONCURRENCY)
+
+        async def one(channel: str) -> None:
+            async with sem:
+                await self._recover_channel(channel)
+
+        await asyncio.gather(*(one(ch) for ch in list(self.hub.channels)))
+
+    async def _recover_channel(self, channel: str) -> None:
+        subs = self.hub.channels.get(channel)
+        if not subs:
+            return
+        targets: list[tuple[Connection, SubState, str]] = []
+        for conn, st in list(subs.items()):
+            key = f"{conn.session_id}\0{channel}"
+            if key in self._recovering or st.pending is not None or conn.closed:
+                continue  # already catching up on its own
+            self._recovering.add(key)
+            st.pending = []
+            targets.append((conn, st, key))
+        try:
+            res: HistoryResult | None = None
+            for attempt in range(RECOVERY_ATTEMPTS):
+                try:
+                    top = await self.call(self.broker.history(channel, None, 0))
+                    lows = [st.seq for _, st, _ in targets if st.epoch == top.position.epoch]
+                    res = top
+                    if lows:
+                        since = StreamPosition(top.position.epoch, min(lows))
+                        res = await self.call(self.broker.history(channel, since, 0))
+                    break
+                except BrokerUnavailable:
+                    await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
+            for conn, st, key in targets:
+                self._recovering.discard(key)
+                if conn.subs.get(channel) is not st or conn.closed:
+                    continue
+                if res is None:
+                    st.pending = None  # the broker stayed away; the next gap retries
+                elif res.recovered or st.epoch != res.position.epoch:
+                    self._catch_up(conn, channel, st, res)
+                else:
+                    # Too old for the oldest reader: each one checks its own position.
+                    st.pending = None
+                    self._on_gap(conn, channel)
+        finally:
+            for _, _, key in targets:
+                self._recovering.discard(key)
 
     # -- broker callbacks ----------------------------------------------------------------
     def on_publication(self, pub: Publication) -> None:
@@ -712,9 +772,7 @@ class Node:
                 conn.send(payload)
 
     def on_reconnect(self) -> None:
-        for channel, subs in list(self.hub.channels.items()):
-            for conn in list(subs):
-                self._on_gap(conn, channel)
+        self.spawn(self._recover_all(), name="recover-all")
 
     # -- server-initiated ----------------------------------------------------------------
     async def publish(

@@ -13,7 +13,9 @@ Keys (``P`` is the broker's prefix): ``P:room:{id}`` (JSON), ``P:rooms`` (set of
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -31,9 +33,10 @@ __all__ = ["RedisRoomStore"]
 R = TypeVar("R")
 T = TypeVar("T")
 
-# KEYS: room, rooms-set. ARGV: room_id, expected version ("" = must not exist), new JSON
-# ("" = delete), prefix, now_ms, then pairs (code, expires_at_ms) to claim, then "|",
-# then codes to release.
+# KEYS: room, rooms-set, the invite keys to claim (n of them), then the invite keys to
+# release. ARGV: room_id, expected version ("" = must not exist), new JSON ("" = delete),
+# now_ms, n, then the n claims' expiry times (ms). Every key is declared in KEYS, so the
+# script also runs where undeclared keys are refused (Dragonfly's default, Redis Cluster).
 _CAS = """
 local cur = redis.call('GET', KEYS[1])
 local expected = ARGV[2]
@@ -44,31 +47,26 @@ else
   local v = cjson.decode(cur)['version']
   if tostring(v) ~= expected then return 'conflict' end
 end
-local prefix = ARGV[4]
-local now = tonumber(ARGV[5])
-local i = 6
-local claims = {}
-while ARGV[i] ~= '|' do
-  local code, exp = ARGV[i], tonumber(ARGV[i + 1])
-  local owner = redis.call('GET', prefix .. ':invite:' .. code)
+local now = tonumber(ARGV[4])
+local n = tonumber(ARGV[5])
+for i = 1, n do
+  local owner = redis.call('GET', KEYS[2 + i])
   if owner and owner ~= ARGV[1] then return 'code_taken' end
-  if exp > now then table.insert(claims, {code, exp - now}) end
-  i = i + 2
 end
-i = i + 1
-while ARGV[i] do
-  local key = prefix .. ':invite:' .. ARGV[i]
-  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
-  i = i + 1
+for i = 3 + n, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
 end
 if ARGV[3] == '' then
   redis.call('DEL', KEYS[1])
   redis.call('SREM', KEYS[2], ARGV[1])
-  for _, c in ipairs(claims) do redis.call('DEL', prefix .. ':invite:' .. c[1]) end
+  for i = 1, n do
+    if redis.call('GET', KEYS[2 + i]) == ARGV[1] then redis.call('DEL', KEYS[2 + i]) end
+  end
   return 'ok'
 end
-for _, c in ipairs(claims) do
-  redis.call('SET', prefix .. ':invite:' .. c[1], ARGV[1], 'PX', math.floor(c[2]))
+for i = 1, n do
+  local ttl = tonumber(ARGV[5 + i]) - now
+  if ttl > 0 then redis.call('SET', KEYS[2 + i], ARGV[1], 'PX', math.floor(ttl)) end
 end
 redis.call('SET', KEYS[1], ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[1])
@@ -85,7 +83,7 @@ class RedisRoomStore:
         *,
         prefix: str = "revenge",
         max_rooms: int = 10_000,
-        max_attempts: int = 8,
+        max_attempts: int = 16,
         ids: IdSource = SECURE_IDS,
     ) -> None:
         self._redis = redis
@@ -94,6 +92,7 @@ class RedisRoomStore:
         self.max_attempts = max_attempts
         self.ids = ids
         self._cas = redis.register_script(_CAS)
+        self._locks: dict[str, asyncio.Lock] = {}
 
     @classmethod
     def for_broker(cls, broker: Any, **kw: Any) -> RedisRoomStore:
@@ -130,21 +129,24 @@ class RedisRoomStore:
         return [r for r in await self.list_all() if r.public]
 
     async def _write(self, room: Room, expected: str, old_codes: set[str]) -> str:
-        codes = [(c, inv.expires_at) for c, inv in room.invites.items()]
+        claims = list(room.invites.items())
         release = sorted(old_codes - set(room.invites))
+        keys = [self._room_key(room.room_id), self._set_key]
+        keys += [self._invite_key(code) for code, _ in claims]
+        keys += [self._invite_key(code) for code in release]
         argv: list[Any] = [
             room.room_id,
             expected,
             "" if room.ended else orjson.dumps(room.to_dict()),
+            int(now_ms()),
+            len(claims),
+            *(int(inv.expires_at) for _, inv in claims),
         ]
-        argv += [self.prefix, int(now_ms())]
-        for code, exp in codes:
-            argv += [code, int(exp)]
-        argv += ["|", *release]
-        result = await self._run(
-            self._cas(keys=[self._room_key(room.room_id), self._set_key], args=argv)
-        )
+        result = await self._run(self._cas(keys=keys, args=argv))
         return result.decode() if isinstance(result, bytes) else str(result)
+
+    def _invite_key(self, code: str) -> str:
+        return f"{self.prefix}:invite:{code}"
 
     async def create(self, room: Room) -> None:
         if room.ended:
@@ -158,7 +160,20 @@ class RedisRoomStore:
             raise RequestError(ErrorCode.CONFLICT, "an invitation code is already in use")
 
     async def update(self, room_id: str, fn: Callable[[Room], R]) -> R:
-        for _ in range(self.max_attempts):
+        # Commands of this node on one room queue on a local lock, so compare-and-set
+        # only ever races against other nodes; a lost race backs off a little (jittered).
+        lock = self._locks.get(room_id)
+        if lock is None:
+            lock = self._locks[room_id] = asyncio.Lock()
+        try:
+            async with lock:
+                return await self._update(room_id, fn)
+        finally:
+            if not lock.locked() and self._locks.get(room_id) is lock:
+                del self._locks[room_id]
+
+    async def _update(self, room_id: str, fn: Callable[[Room], R]) -> R:
+        for attempt in range(self.max_attempts):
             raw = await self._run(self._redis.get(self._room_key(room_id)))
             if raw is None:
                 raise RequestError(ErrorCode.NOT_FOUND, "no such room")
@@ -176,6 +191,7 @@ class RedisRoomStore:
             if outcome == "missing":
                 raise RequestError(ErrorCode.NOT_FOUND, "no such room")
             # conflict or code_taken: another node won; read again and re-run.
+            await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
         raise RequestError(ErrorCode.UNAVAILABLE, "the room is busy; try again", retryable=True)
 
     async def delete(self, room_id: str) -> bool:
@@ -187,7 +203,7 @@ class RedisRoomStore:
 
     async def find_invite(self, code: str, now_ms: float) -> Room | None:
         code = code.replace("-", "").replace(" ", "").upper()
-        room_id = await self._run(self._redis.get(f"{self.prefix}:invite:{code}"))
+        room_id = await self._run(self._redis.get(self._invite_key(code)))
         if room_id is None:
             return None
         room = await self.get(_text(room_id))
