@@ -8,6 +8,8 @@ import pytest
 from revenge_ws.config import Settings
 
 from .helpers import Hub, make_settings, running_hub
+from .redis_fixtures import redis_proc  # noqa: F401 - a private, restartable redis-server
+from .store_fixtures import pg_database  # noqa: F401 - a private PostgreSQL database
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -17,19 +17,8 @@ from revenge_ws.client import Client
 
 from .helpers import API_KEY, HubProcess, make_settings, start_hub_process
 from .redis_fixtures import RedisProcess
-from .store_fixtures import pg_database  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-def redis_proc() -> Iterator[RedisProcess]:
-    proc = RedisProcess()
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.cleanup()
 
 
 def start_nodes(redis: RedisProcess, pg: str, n: int, **env: str) -> list[HubProcess]:

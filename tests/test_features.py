@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from .helpers import Hub, make_settings, running_hub, start_hub_process
-from .store_fixtures import pg_database  # noqa: F401 - fixture
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

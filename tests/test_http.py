@@ -157,7 +157,7 @@ async def test_presence_forgets_closed_connections(hub: Hub) -> None:
     await a.request("subscribe", {"channels": ["activity"]})
     await a.close()
     for _ in range(100):
-        status, body = await hub.request("GET", "/api/v1/realtime/presence/activity")
+        _status, body = await hub.request("GET", "/api/v1/realtime/presence/activity")
         if not body["members"]:
             break
         await asyncio.sleep(0.02)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .helpers import Hub, WS
+from .helpers import WS, Hub
 from .test_ws import upgrade
 
 
@@ -127,7 +127,7 @@ async def test_one_room_per_connection_and_disconnect(hub: Hub) -> None:
     r1 = (await create(a))["room_id"]
     r2 = (await create(b))["room_id"]
     await a.request("syncplay.join", {"room_id": r2})
-    status, body = await hub.request(
+    status, _body = await hub.request(
         "GET",
         f"/api/v1/syncplay/rooms/{r1}",
         headers={"Authorization": f"Bearer {hub.token('zed')}"},
