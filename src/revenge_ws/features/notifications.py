@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -32,11 +32,15 @@ PRIORITIES = ("critical", "high", "normal", "low")
 REDELIVER_LIMIT = 100
 
 
+UserId = Annotated[str, Field(min_length=1, max_length=128)]
+NotificationType = Annotated[str, Field(min_length=1, max_length=64)]
+
+
 class NotifyBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: str | None = Field(None, min_length=1, max_length=128)
-    user_ids: list[str] | None = Field(None, min_length=1, max_length=10_000)
-    notification_type: str = Field(min_length=1, max_length=64)
+    user_ids: list[UserId] | None = Field(None, min_length=1, max_length=10_000)
+    notification_type: NotificationType
     title: str = Field(min_length=1, max_length=500)
     body: str | None = Field(None, max_length=5000)
     priority: str = Field("normal", pattern="^(critical|high|normal|low)$")
@@ -57,7 +61,7 @@ class NotifyBody(BaseModel):
 
 class PreferencesBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    preferences: dict[str, bool | None]
+    preferences: dict[NotificationType, bool | None] = Field(max_length=1000)
 
 
 def _ids(data: dict[str, Any]) -> list[str]:
@@ -170,8 +174,13 @@ class Notifications:
     async def preferences(self, req: Request) -> dict[str, Any]:
         prefs = req.data.get("preferences")
         if prefs is not None:
-            if not isinstance(prefs, dict) or not all(
-                isinstance(k, str) and (v is None or isinstance(v, bool)) for k, v in prefs.items()
+            if (
+                not isinstance(prefs, dict)
+                or len(prefs) > 1000
+                or not all(
+                    isinstance(k, str) and 0 < len(k) <= 64 and (v is None or isinstance(v, bool))
+                    for k, v in prefs.items()
+                )
             ):
                 raise RequestError(
                     ErrorCode.INVALID_MESSAGE, "'preferences' maps types to true/false/null"
