@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
-import socket
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -236,22 +237,22 @@ async def serve(
 
 class _FirstRequestDeadline(asyncio.Protocol):
     """Wraps aiohttp's protocol: a socket that has not sent a complete request within
-    the handshake timeout is dropped (slowloris), and Nagle is off for small frames."""
+    the handshake timeout is dropped (slowloris)."""
 
-    __slots__ = ("_inner", "_seen", "_timeout")
+    __slots__ = ("_deadline", "_inner", "_seen", "_timeout")
 
     def __init__(self, inner: Any, seen: weakref.WeakSet[Any], timeout: float) -> None:
         self._inner = inner
         self._seen = seen
         self._timeout = timeout
+        self._deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:
+        # aiohttp's own connection_made already turns Nagle off for small frames.
         self._inner.connection_made(transport)
-        with contextlib.suppress(OSError):
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        asyncio.get_running_loop().call_later(self._timeout, self._check, transport)
+        self._deadline = asyncio.get_running_loop().call_later(
+            self._timeout, self._check, transport
+        )
 
     def _check(self, transport: Any) -> None:
         if transport not in self._seen and not transport.is_closing():
@@ -265,6 +266,11 @@ class _FirstRequestDeadline(asyncio.Protocol):
         return result
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # A pending deadline would keep this socket's protocol and buffers alive for the
+        # whole handshake timeout after it closed (memory under connect/close storms).
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -291,4 +297,30 @@ def run(settings: Settings) -> None:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(settings))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+
+        async def watchdog() -> None:
+            # The graceful sequence fits the budget; this is the promise that holds even
+            # when it does not (an overloaded node): exit 0 within shutdown_timeout.
+            await stop.wait()
+            timer = threading.Timer(max(0.5, settings.server.shutdown_timeout - 0.5), _force_exit)
+            timer.daemon = True
+            timer.start()
+
+        guard = asyncio.create_task(watchdog())
+        try:
+            await serve(settings, stop=stop)
+        finally:
+            guard.cancel()
+
+    asyncio.run(main())
+
+
+def _force_exit() -> None:
+    log.error("shutdown did not finish within server.shutdown_timeout; exiting now")
+    logging.shutdown()
+    # Everything that must not be lost is already durable (notifications are committed
+    # before the API answers), so leaving without the rest of the teardown is safe.
+    os._exit(0)

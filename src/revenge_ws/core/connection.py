@@ -29,6 +29,35 @@ WRITE_CHUNK = 256 * 1024
 RETRY_DELAY = 0.01
 
 
+#: A push this far below the outbox limit cannot fail whatever the transport holds
+#: (flush never lets the transport hold more than HIGH_WATER + WRITE_CHUNK + a ping).
+_NO_CHECK_SLACK = HIGH_WATER + WRITE_CHUNK + 4096
+
+
+class Flusher:
+    """Flushes every connection that queued frames, in ONE loop callback per iteration
+    (instead of one call_soon handle per connection)."""
+
+    __slots__ = ("_loop", "_pending", "_scheduled")
+
+    def __init__(self, loop: Any) -> None:
+        self._loop = loop
+        self._pending: list[Connection] = []
+        self._scheduled = False
+
+    def add(self, conn: Connection) -> None:
+        self._pending.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        pending, self._pending = self._pending, []
+        self._scheduled = False
+        for conn in pending:
+            conn.flush()
+
+
 class Transport(Protocol):
     """The I/O side of a connection, implemented by the WebSocket adapter."""
 
@@ -86,6 +115,7 @@ class Connection:
     _flush_pending: bool = False
     last_ping: float = 0.0
     sent_messages: int = 0
+    flusher: Flusher | None = None
 
     @property
     def user_id(self) -> str:
@@ -99,7 +129,10 @@ class Connection:
     def send_frame(self, frame: bytes) -> bool:
         if self.closed:
             return False
-        if not self.outbox.push(frame, extra=self.transport.buffered()):
+        ob = self.outbox
+        if ob.nbytes + len(frame) <= ob.limit - _NO_CHECK_SLACK:
+            ob.append(frame)
+        elif not ob.push(frame, extra=self.transport.buffered()):
             self._slow()
             return False
         self._schedule()
@@ -117,21 +150,29 @@ class Connection:
     def _schedule(self) -> None:
         if not self._flush_pending:
             self._flush_pending = True
-            self.loop.call_soon(self.flush)
+            if self.flusher is not None:
+                self.flusher.add(self)
+            else:
+                self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write what is queued, in as few writes as the transport allows."""
         self._flush_pending = False
-        if self.closed or not self.outbox:
+        ob = self.outbox
+        if self.closed or not ob._frames:
             return
         if self.transport.buffered() > HIGH_WATER:
             self._flush_pending = True
             self.loop.call_later(RETRY_DELAY, self.flush)
             return
-        frames = self.outbox.drain(WRITE_CHUNK)
+        if len(ob._frames) == 1:
+            self.sent_messages += 1
+            self.transport.write(ob.pop_one())
+            return
+        frames = ob.drain(WRITE_CHUNK)
         self.sent_messages += len(frames)
-        self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
-        if self.outbox:
+        self.transport.write(b"".join(frames))
+        if ob._frames:
             self._flush_pending = True
             self.loop.call_later(RETRY_DELAY, self.flush)
 

@@ -40,7 +40,7 @@ from ..protocol import (
     now_ms,
 )
 from .channels import LATEST_VALUE, ChannelPolicy, automatic_channels, parse_channel
-from .connection import Connection, SubState, Transport
+from .connection import Connection, Flusher, SubState, Transport
 from .hub import Hub
 from .observer import NullObserver, Observer
 from .outbox import Outbox
@@ -155,6 +155,7 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._recovering: set[str] = set()
+        self._flusher: Flusher | None = None
         self.register("subscribe", self._subscribe)
         self.register("unsubscribe", self._unsubscribe)
         self.register("auth.refresh", self._refresh)
@@ -295,7 +296,10 @@ class Node:
             self._limits,
             mono,
         )
+        if self._flusher is None:
+            self._flusher = Flusher(asyncio.get_running_loop())
         conn = Connection(
+            flusher=self._flusher,
             session_id=session_id,
             claims=claims,
             session=session,

@@ -39,6 +39,20 @@ class Outbox:
         self.nbytes += len(frame)
         return True
 
+    def append(self, frame: bytes) -> None:
+        """Queue a frame the caller knows fits (far below the limit)."""
+        self._frames.append(frame)
+        self.nbytes += len(frame)
+
+    def pop_one(self) -> bytes:
+        """Remove and return the only queued frame."""
+        frame = self._frames.popleft()
+        self._head += 1
+        self.nbytes = 0
+        if self._slots:
+            self._slots.clear()
+        return frame
+
     def push_latest(self, key: str, frame: bytes, *, extra: int = 0) -> bool:
         """Queue a latest-value frame, replacing a still-queued one of the same key."""
         pos = self._slots.get(key)

@@ -1,0 +1,1 @@
+"""The revenge-ws benchmark suite: ``python -m bench`` (see ``docs/benchmarks.md``)."""

@@ -1,0 +1,58 @@
+"""The benchmark suite keeps working: a tiny fan-out + latency run of the hub and the
+bare aiohttp baseline (20 subscribers, 20 publications, short windows).
+
+No timing is asserted — only that every step completes and produces numbers (about
+10 s; 20 s under coverage). Needs neither matplotlib nor python-socketio (the smoke
+preset skips both)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from bench.run import main
+
+
+@pytest.mark.timeout(60)
+def test_fanout_and_latency_smoke(tmp_path: Path) -> None:
+    affinity = os.sched_getaffinity(0)
+    md = tmp_path / "benchmarks.md"
+    raw = tmp_path / "results.json"
+    code = main(
+        [
+            "--smoke",
+            "--phases",
+            "fanout",
+            "--no-plot",
+            "--out-md",
+            str(md),
+            "--out-json",
+            str(raw),
+        ]
+    )
+    results = json.loads(raw.read_text())
+    assert code == 0, results["errors"]
+    assert os.sched_getaffinity(0) == affinity  # the caller's CPU affinity is restored
+
+    assert set(results["fanout"]) == {"hub", "aiohttp-frame"}
+    for kind, res in results["fanout"].items():
+        assert res["subscribers"] == 20, kind
+        tp = res["throughput"]
+        assert tp["publications"] == 20, kind
+        assert tp["deliveries"] > 0 and tp["server_us_per_delivery"] > 0, (kind, tp)
+        assert tp["lost"] == 0 and tp["drained"], (kind, tp)
+        (step,) = res["latency"]
+        assert step["rate"] == 20 and step["publications"] == 20, (kind, step)
+        assert step["samples"] == step["expected"] == 20 * 20, (kind, step)
+        assert 0 < step["p50_ms"] <= step["p99_ms"] <= step["max_ms"], (kind, step)
+        assert res["closed_by_server"] == 0, (kind, res)
+    meta = results["meta"]
+    assert meta["nproc"] and meta["python"] and meta["aiohttp"]
+    assert len(meta["loadavg_start"]) == 3
+
+    text = md.read_text()
+    assert "## Fan-out: 20 subscribers" in text
+    assert "## Goals" in text and "publish-to-receive p99" in text
+    assert "python -m bench --smoke" in text
