@@ -1,0 +1,411 @@
+"""Hardening, part 2: resource abuse (slowloris, stuck readers, floods, limits at their
+default values). ``test_ws.py`` covers each limit with tiny values; these tests use the
+contract's defaults and the issue's figures (10 MiB, 1,000 messages/s, the 129th channel,
+the 11th connection, a connection storm). Figures: ``docs/reliability.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import socket
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from revenge_ws import app as app_module
+from revenge_ws.codes import CloseCode
+
+from .helpers import WS, Hub, masked_text_frame, raw_upgrade
+from .test_hardening_input import OP_PING, frame, open_raw
+from .test_ws import UPGRADE
+
+
+async def wait_for(cond: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        await asyncio.sleep(0.02)
+    return bool(cond())
+
+
+async def dribble(port: int, data: bytes, *, first: bytes = b"", limit: float = 10.0) -> int:
+    """Send ``first`` at once (and read its response), then ``data`` one byte every 50 ms
+    until the server ends the connection; returns how many bytes of ``data`` went out.
+    Raises if the socket is still open after ``limit`` seconds."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        if first:
+            writer.write(first)
+            await writer.drain()
+            await asyncio.wait_for(reader.readuntil(b'"ok"}'), 5)
+        sent = 0
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline and sent < len(data):
+            writer.write(data[sent : sent + 1])
+            sent += 1
+            try:
+                got = await asyncio.wait_for(reader.read(4096), 0.05)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                return sent
+            assert not got, f"the server answered a request that never completed: {got[:80]!r}"
+            return sent
+        raise AssertionError(f"still open after {limit}s and {sent} bytes")
+    finally:
+        writer.transport.abort()
+
+
+SLOW_REQUEST = (
+    b"GET /api/v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nX-Pad: " + b"a" * 3000 + b"\r\n\r\n"
+)
+
+
+async def test_slowloris_handshakes_are_closed(hub_with: Any) -> None:
+    """20 sockets dribbling their request headers (one byte per 50 ms: the request would take
+    150 s) are all closed after REVENGE_SERVER_HANDSHAKE_TIMEOUT (1 s here), having sent
+    only ~20 bytes; a normal client connects meanwhile."""
+    async with hub_with({"REVENGE_SERVER_HANDSHAKE_TIMEOUT": "1"}) as hub:
+        started = time.monotonic()
+        attack = asyncio.gather(*(dribble(hub.port, SLOW_REQUEST) for _ in range(20)))
+        ws = await hub.connect("alice")
+        assert (await ws.request("ping", {"t0": 0}))["type"] == "pong"
+        sent = await asyncio.wait_for(attack, 30)
+        elapsed = time.monotonic() - started
+        assert all(n < len(SLOW_REQUEST) for n in sent)
+        print(f"\nslowloris: 20 sockets closed after {max(sent)} bytes max, {elapsed:.2f}s")
+        assert not ws.ws.closed
+
+
+async def test_slowloris_after_a_first_request_is_closed(
+    hub_with: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handshake deadline only covers a socket's first request; a kept-alive socket that
+    then dribbles its next request (or sits idle) is closed by the keep-alive timeout (75 s
+    in production; aiohttp's own default would be 3,630 s). 1 s here."""
+    monkeypatch.setattr(app_module, "KEEPALIVE_TIMEOUT", 1.0)
+    async with hub_with({"REVENGE_SERVER_HANDSHAKE_TIMEOUT": "1"}) as hub:
+        first = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        sent = await asyncio.gather(
+            *(dribble(hub.port, SLOW_REQUEST, first=first) for _ in range(5))
+        )
+        assert all(n < len(SLOW_REQUEST) for n in sent)
+        # An idle kept-alive socket too.
+        reader, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+        writer.write(first)
+        await reader.readuntil(b'"ok"}')
+        assert await asyncio.wait_for(reader.read(100), 10) == b""
+        writer.close()
+
+
+async def test_never_reader_10_mib_closed_4002_others_unaffected(hub: Hub) -> None:
+    """10 MiB published (175 × 60,000-byte publications) to a channel with a subscriber that
+    never reads: it is closed with 4002 once its outbound queue passes 1 MiB, the three
+    reading subscribers get all 175 in order, and the hub's memory held for the stuck one
+    never exceeds the queue limit."""
+    channel = "library:bulk"
+    readers = [await hub.connect(f"fast{i}") for i in range(3)]
+    for r in readers:
+        await r.request("subscribe", {"channels": [channel]})
+    stuck = await asyncio.to_thread(raw_upgrade, hub.port, f"/api/v1/ws?token={hub.token('slow')}")
+    try:
+        stuck.sendall(
+            masked_text_frame(b'{"type":"subscribe","data":{"channels":["library:bulk"]}}')
+        )
+        assert await wait_for(
+            lambda: any(channel in c.subs for c in hub.node.hub.user_connections("slow"))
+        )
+        slow = next(iter(hub.node.hub.user_connections("slow")))
+        limit = hub.settings.limits.outbound_queue_bytes
+        pad = "p" * 60_000
+        total = 175
+        peak = 0
+        closed_at: int | None = None
+
+        async def read_all(ws: WS) -> list[int]:
+            return [(await ws.recv(timeout=10))["data"]["i"] for _ in range(total)]
+
+        consumers = [asyncio.create_task(read_all(r)) for r in readers]
+        for i in range(total):
+            status, body = await hub.publish(channel, "bulk", {"i": i, "pad": pad})
+            assert status == 200, body
+            if not slow.closed:
+                peak = max(peak, slow.outbox.nbytes + slow.transport.buffered())
+            elif closed_at is None:
+                closed_at = i
+        got = await asyncio.wait_for(asyncio.gather(*consumers), 60)
+        assert all(g == list(range(total)) for g in got)
+        assert slow.close_code == CloseCode.SLOW_CONSUMER
+        assert closed_at is not None
+        assert peak <= limit + 64 * 1024, peak
+        assert await wait_for(lambda: slow.session_id not in hub.node.hub.connections)
+        for r in readers:
+            assert (await r.request("ping", {"t0": 0}))["type"] == "pong"
+        print(
+            f"\nnever-reader: 10 MiB published, closed 4002 after publication {closed_at} "
+            f"({closed_at * 60_000 / 2**20:.2f} MiB), peak held {peak / 2**10:.0f} KiB"
+        )
+    finally:
+        stuck.close()
+
+
+async def test_1000_messages_per_second_rate_limited_then_4004(hub: Hub) -> None:
+    """Default limits (100/s, burst 200, 50 strikes): a client sending 1,000 pings/s gets its
+    burst answered, then RATE_LIMITED errors (exactly the 50 strikes), then close 4004; a
+    neighbour on the same hub is unaffected."""
+    neighbour = await hub.connect("bob")
+    ws = await hub.connect("alice")
+    pongs = limited = other = 0
+    code: int | None = None
+
+    async def reader() -> None:
+        nonlocal pongs, limited, other, code
+        while True:
+            msg = await ws.ws.receive(timeout=10)
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                code = ws.ws.close_code
+                return
+            data = orjson.loads(msg.data)
+            if data["type"] == "pong":
+                pongs += 1
+            elif data["type"] == "error" and data["data"]["code"] == "RATE_LIMITED":
+                assert data["data"]["retryable"] is True
+                limited += 1
+            else:
+                other += 1
+
+    task = asyncio.create_task(reader())
+    sent = 0
+    with contextlib.suppress(ConnectionError):
+        for _tick in range(500):  # at most 5 s: 10 pings every 10 ms = 1,000/s
+            if task.done():
+                break
+            for _ in range(10):
+                await ws.ws.send_str(orjson.dumps({"type": "ping", "id": f"p{sent}"}).decode())
+                sent += 1
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(task, 10)
+    assert code == CloseCode.RATE_LIMITED
+    assert pongs >= 200 and limited == 50 and other == 0, (pongs, limited, other)
+    assert (await neighbour.request("ping", {"t0": 0}))["type"] == "pong"
+    print(f"\n1000/s: sent={sent} pongs={pongs} RATE_LIMITED={limited} then {code}")
+
+
+async def test_129th_channel_is_too_large(hub: Hub) -> None:
+    """Default 128 channels per connection, automatic ones included (2 for a user)."""
+    ws = await hub.connect("alice")
+    assert len(ws.welcome["data"]["subscriptions"]) == 2
+    names = [f"library:l{i}" for i in range(127)]
+    ack = await ws.request("subscribe", {"channels": names})
+    assert len(ack["data"]["subscriptions"]) == 126
+    assert ack["data"]["errors"] == [
+        {
+            "channel": "library:l126",
+            "code": "TOO_LARGE",
+            "message": "at most 128 channels per connection",
+        }
+    ]
+    again = await ws.request("subscribe", {"channels": ["activity"]})
+    assert again["data"]["errors"][0]["code"] == "TOO_LARGE"
+    whole = await ws.request("subscribe", {"channels": [f"library:m{i}" for i in range(129)]})
+    assert whole["type"] == "error" and whole["data"]["code"] == "TOO_LARGE"
+    # Unsubscribing frees a slot.
+    await ws.request("unsubscribe", {"channels": ["library:l0"]})
+    ok = await ws.request("subscribe", {"channels": ["activity"]})
+    assert ok["data"]["errors"] == [] and len(ok["data"]["subscriptions"]) == 1
+
+
+async def test_11th_connection_is_429_even_when_racing(hub: Hub) -> None:
+    """Default 10 connections per user: 30 simultaneous handshakes of one user admit
+    exactly 10, the other 20 get 429 RATE_LIMITED with Retry-After; another user is not
+    affected; closing one frees a slot."""
+    s = await hub.session()
+    token = hub.token("alice")
+
+    async def attempt() -> tuple[int, Any]:
+        try:
+            ws = await s.ws_connect(f"{hub.ws_url}?token={token}", protocols=["revenge.v1"])
+        except aiohttp.WSServerHandshakeError as exc:
+            return exc.status, exc.headers
+        return 101, ws
+
+    results = await asyncio.gather(*(attempt() for _ in range(30)))
+    opened = [r for status, r in results if status == 101]
+    refused = [(status, h) for status, h in results if status != 101]
+    assert len(opened) == 10
+    assert {status for status, _ in refused} == {429}
+    assert all(int(h["Retry-After"]) >= 1 for _, h in refused)
+    status, body = await _upgrade(hub, token)
+    assert status == 429 and body["error"]["code"] == "RATE_LIMITED"
+    bob = await hub.connect("bob")
+    assert bob.welcome["type"] == "welcome"
+    await opened[0].close()
+    assert await wait_for(lambda: len(hub.node.hub.user_connections("alice")) == 9)
+    again = await hub.connect("alice")
+    assert again.welcome["type"] == "welcome"
+    for ws in opened[1:]:
+        await ws.close()
+
+
+async def _upgrade(hub: Hub, token: str) -> tuple[int, Any]:
+    s = await hub.session()
+    async with s.get(f"{hub.ws_url}?token={token}", headers=UPGRADE) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def test_connection_storm_hits_the_accept_rate_limit(hub_with: Any) -> None:
+    """400 simultaneous handshakes (400 users) against an accept rate of 50/s, burst 100:
+    the burst is admitted, the rest get 503 UNAVAILABLE with Retry-After (never a 5xx of
+    another kind, never a hang), and a connected client keeps working."""
+    env = {"REVENGE_SERVER_ACCEPT_RATE": "50", "REVENGE_SERVER_ACCEPT_BURST": "100"}
+    async with hub_with(env) as hub:
+        keep = await hub.connect("keeper")
+        s = await hub.session()
+        tokens = [hub.token(f"storm{i}") for i in range(400)]
+
+        async def attempt(tok: str) -> tuple[int, str | None]:
+            async with s.get(f"{hub.ws_url}?token={tok}", headers=UPGRADE) as r:
+                if r.status == 101:
+                    return 101, None
+                body = await r.json()
+                assert body["error"]["code"] == "UNAVAILABLE"
+                return r.status, r.headers.get("Retry-After")
+
+        started = time.monotonic()
+        results = await asyncio.wait_for(asyncio.gather(*(attempt(t) for t in tokens)), 60)
+        elapsed = time.monotonic() - started
+        accepted = sum(1 for status, _ in results if status == 101)
+        refused = [(status, ra) for status, ra in results if status != 101]
+        assert {status for status, _ in refused} <= {503}
+        assert all(ra is not None and int(ra) >= 1 for _, ra in refused)
+        # The bucket admits its burst plus what refills during the storm, and no more.
+        assert 99 <= accepted <= 100 + 50 * elapsed + 1, (accepted, elapsed)
+        assert refused
+        assert (await keep.request("ping", {"t0": 0}))["type"] == "pong"
+        print(f"\nstorm: 400 handshakes in {elapsed:.2f}s, {accepted} accepted, {len(refused)} 503")
+
+
+async def test_ping_frame_flood(hub_with: Any) -> None:
+    """WebSocket ping frames are not envelopes, so the message rate limit does not count
+    them: 10,000 pings from a reading client are each answered with a pong, the hub stays
+    responsive. A client that floods pings and never reads is bounded by TCP backpressure
+    (the hub stops reading it) and then closed by the heartbeat timeout (4003)."""
+    env = {"REVENGE_HEARTBEAT_INTERVAL": "0.5", "REVENGE_HEARTBEAT_TIMEOUT": "1.5"}
+    async with hub_with(env) as hub:
+
+        def reading() -> int:
+            sock, reader = open_raw(hub)
+            try:
+                sock.sendall(frame(OP_PING, b"x") * 10_000)
+                pongs = 0
+                while pongs < 10_000:
+                    got = reader.next(timeout=10)
+                    assert got is not None
+                    pongs += got[0] == 0xA
+                return pongs
+            finally:
+                sock.close()
+
+        assert await asyncio.to_thread(reading) == 10_000
+
+        def flood_without_reading() -> tuple[Any, int]:
+            sock, _ = open_raw(hub, "flooder", rcvbuf=4096)
+            sock.setblocking(False)
+            sent = 0
+            ping = frame(OP_PING, b"y" * 125)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and sent < 200_000:
+                try:
+                    sock.send(ping)
+                except BlockingIOError:
+                    break  # backpressure: the hub stopped reading us
+                sent += 1
+            return sock, sent
+
+        sock, sent = await asyncio.to_thread(flood_without_reading)
+        try:
+            flooder = next(iter(hub.node.hub.user_connections("flooder")))
+            assert await wait_for(lambda: flooder.closed, 10)
+            code = flooder.close_code
+            assert code == CloseCode.HEARTBEAT_TIMEOUT
+            assert await wait_for(lambda: not hub.node.hub.user_connections("flooder"), 10)
+        finally:
+            sock.close()
+        neighbour = await hub.connect("bob")
+        assert (await neighbour.request("ping", {"t0": 0}))["type"] == "pong"
+        print(f"\nping flood without reading: {sent} pings before backpressure, close {code}")
+
+
+async def test_connection_churn_leaves_no_state_behind(hub_with: Any) -> None:
+    """300 connect / subscribe / unsubscribe / bad frame / close cycles over 10 users: once
+    the sockets are gone the node, the hub and the broker hold nothing for them (no
+    connection, user, channel membership, presence entry, admission or task left); only
+    the broker's channel table keeps idle channel states, and it is an LRU bounded at
+    100,000 channels (~1 KiB each)."""
+    async with hub_with({"REVENGE_SERVER_ACCEPT_BURST": "100000"}) as hub:
+        node = hub.node
+        tasks_before = len(node._tasks)
+        for cycle in range(300):
+            ws = await hub.connect(f"u{cycle % 10}")
+            churn = f"library:churn{cycle}"
+            await ws.request("subscribe", {"channels": ["library:a", "activity", churn]})
+            await ws.request("unsubscribe", {"channels": [churn]})
+            await ws.ws.send_str("{bad")
+            assert (await ws.recv())["data"]["code"] == "INVALID_JSON"
+            await ws.close()
+        assert await wait_for(lambda: len(node.hub) == 0, 10)
+        assert await wait_for(lambda: len(node._tasks) <= tasks_before, 10)
+        assert node.hub.by_user == {} and node.hub.channels == {}
+        assert node._admitted == set() and node._admit_counts == {}
+        assert node._recovering == set()
+        presence = node.broker.presence
+        assert await wait_for(
+            lambda: not any(presence._channels.values()) and not any(presence._users.values())
+        )
+        assert node.broker._subscribed == set()
+        # 300 churn channels, 2 automatic channels of each of the 10 users, 2 shared ones.
+        assert len(node.broker._channels) == 300 + 2 * 10 + 2
+        assert node.broker._max_channels == 100_000
+
+
+async def test_connect_close_storm_retains_nothing(hub: Hub) -> None:
+    """500 TCP connections opened and closed at once (no request): once they are gone, no
+    per-socket object is left in memory. (Found by the soak: every socket's protocol and
+    buffers were kept alive by its pending handshake deadline for the whole handshake
+    timeout after it closed: memory proportional to connect rate × 10 s.)"""
+    from aiohttp.web_protocol import RequestHandler
+
+    def storm() -> None:
+        for _ in range(500):
+            socket.create_connection(("127.0.0.1", hub.port), 5).close()
+
+    def handlers() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, RequestHandler))
+
+    await asyncio.to_thread(storm)
+    assert await wait_for(lambda: handlers() <= 5, 5), handlers()
+    ws = await hub.connect("alice")
+    assert (await ws.request("ping", {"t0": 0}))["type"] == "pong"
+
+
+def test_soak_verdict_math() -> None:
+    """bench/soak.py's leak verdict: a least-squares slope over the post-warm-up samples."""
+    from bench.soak import slope, verdict
+
+    assert slope([(0, 1.0), (1, 3.0), (2, 5.0)]) == 2.0
+    assert slope([(0, 1.0)]) == 0.0
+    flat = [{"t": t * 10.0, "rss_kib": 100_000 + (t % 2), "fds": 2010} for t in range(60)]
+    v = verdict(flat, 2000, warmup=60)
+    assert v["rss_flat"] and v["fds_flat"] and v["measured_samples"] == 54
+    leaking = [{"t": t * 10.0, "rss_kib": 100_000 + 500 * t, "fds": 2010 + t} for t in range(60)]
+    v = verdict(leaking, 2000, warmup=60)
+    assert not v["rss_flat"] and not v["fds_flat"]
+    assert v["rss_slope_kib_per_min"] == 3000.0
