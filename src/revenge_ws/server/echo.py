@@ -16,7 +16,11 @@ __all__ = ["echo_handler"]
 async def echo_handler(request: web.Request) -> web.StreamResponse:
     settings = request.app[NODE].settings
     ws = web.WebSocketResponse(
-        compress=False, max_msg_size=settings.limits.message_size, autoping=True
+        compress=False,
+        # Same limit as the hub: a message of exactly message_size passes (aiohttp
+        # refuses sizes >= max_msg_size).
+        max_msg_size=settings.limits.message_size + 1,
+        autoping=True,
     )
     await ws.prepare(request)
     async for msg in ws:
