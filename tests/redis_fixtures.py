@@ -217,15 +217,18 @@ async def make_redis_broker(redis_url: str, prefix: str) -> AsyncIterator[MakeBr
 
     yield make
     for broker in brokers:
-        await broker.close()
+        async with asyncio.timeout(15):
+            await broker.close()
 
 
 async def kill_broker(broker: RedisBroker) -> None:
     """Stop a broker the way SIGKILL stops a node: no cleanup, nothing removed."""
     for task in broker._tasks:
         task.cancel()
-    await asyncio.gather(*broker._tasks, return_exceptions=True)
+    async with asyncio.timeout(10):
+        await asyncio.gather(*broker._tasks, return_exceptions=True)
     broker._tasks = []
     broker._closed = True
-    await broker._redis.aclose()
-    await broker._pool.disconnect()
+    async with asyncio.timeout(10):
+        await broker._redis.aclose()
+        await broker._pool.disconnect()

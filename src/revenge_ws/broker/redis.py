@@ -56,6 +56,8 @@ log = logging.getLogger("revenge_ws.broker.redis")
 
 T = TypeVar("T")
 
+#: How long closing the broker may wait for its tasks and connections (s).
+CLOSE_TIMEOUT = 5.0
 #: Channels per SUBSCRIBE command when a link (re)subscribes everything.
 SUBSCRIBE_BATCH = 1000
 #: Entries per script call / pipeline when presence is refreshed.
@@ -724,7 +726,10 @@ class RedisBroker:
         self._closed = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Every wait is bounded: a close must never hang a shutting-down node.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         # Entries left by connections the node did not close: drop them now rather
         # than leaving them for presence_ttl (best effort; Redis may be down).
@@ -732,8 +737,10 @@ class RedisBroker:
             async with asyncio.timeout(min(self.timeout, 2.0)):
                 await self._presence.forget_all()
         self._handler = None
-        await self._redis.aclose()
-        await self._pool.disconnect()
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self._redis.aclose()
+                await self._pool.disconnect()
 
     async def ping(self) -> None:
         """Raise ``BrokerUnavailable`` unless Redis answers and the pub/sub link is up."""
