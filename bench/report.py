@@ -811,4 +811,16 @@ def write_report(results: dict[str, Any], md: Path, png: Path | None) -> None:
         except ValueError:
             png_name = str(png)
     md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(render(results, png_name) + "\n", encoding="utf-8")
+    # Benchmarks run by their own commands (cross-node, notifications, SyncPlay) live
+    # after this marker; a re-render keeps them.
+    kept = ""
+    if md.exists():
+        old = md.read_text(encoding="utf-8")
+        at = old.find(SEPARATE_MARKER)
+        kept = old[at:] if at >= 0 else ""
+    md.write_text(
+        render(results, png_name) + "\n" + (("\n" + kept) if kept else ""), encoding="utf-8"
+    )
+
+
+SEPARATE_MARKER = "<!-- separately-run benchmarks: kept by re-renders -->"
