@@ -409,3 +409,37 @@ def test_soak_verdict_math() -> None:
     v = verdict(leaking, 2000, warmup=60)
     assert not v["rss_flat"] and not v["fds_flat"]
     assert v["rss_slope_kib_per_min"] == 3000.0
+
+
+async def test_presence_forgets_a_pipelined_unsubscribe_or_close(hub: Hub) -> None:
+    """Found by the soak (RSS growing ~1.8 MiB/min): a subscribe immediately followed by an
+    unsubscribe (or a close) left a presence entry behind forever, because the presence
+    "add" ran as a background task *after* the removal. Visible in the presence API, and a
+    leak of one entry per such subscribe."""
+    ws = await hub.connect("alice")
+    for i in range(20):
+        await ws.ws.send_str(
+            orjson.dumps(
+                {"type": "subscribe", "id": f"s{i}", "data": {"channels": ["library:p"]}}
+            ).decode()
+        )
+        await ws.ws.send_str(
+            orjson.dumps(
+                {"type": "unsubscribe", "id": f"u{i}", "data": {"channels": ["library:p"]}}
+            ).decode()
+        )
+        for _ in range(2):
+            assert (await ws.recv())["type"] == "ack"
+    quick = await hub.connect("bob")
+    await quick.ws.send_str(
+        orjson.dumps({"type": "subscribe", "id": "q", "data": {"channels": ["library:q"]}}).decode()
+    )
+    await quick.close()
+    assert await wait_for(lambda: not hub.node.hub.user_connections("bob"))
+    await asyncio.sleep(0.2)  # let background presence tasks run
+    for channel in ("library:p", "library:q"):
+        status, body = await hub.request("GET", f"/api/v1/realtime/presence/{channel}")
+        assert status == 200
+        assert body["members"] == [], (channel, body)
+    presence = hub.node.broker.presence
+    assert not presence._channels.get("library:p") and not presence._channels.get("library:q")

@@ -544,8 +544,14 @@ class Node:
             self._on_gap(conn, name)
 
     async def _presence_add(self, conn: Connection, name: str) -> None:
+        # This runs as a task: an unsubscribe or a close processed before it (pipelined
+        # frames) has already removed the entry, so adding it now would leave it forever.
+        if conn.closed or name not in conn.subs:
+            return
         info = PresenceInfo(conn.user_id, conn.claims.display_name, self.node_id)
         await self.call(self.broker.presence.add(name, conn.session_id, info))
+        if conn.closed or name not in conn.subs:  # removed while the add was in flight
+            await self.call(self.broker.presence.remove(name, conn.session_id))
 
     async def _subscribe(self, req: Request) -> dict[str, Any]:
         items = req.data.get("channels")
