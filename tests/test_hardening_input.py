@@ -700,9 +700,9 @@ async def test_echo_endpoint_echoes_within_the_hub_limits(hub_with: Any) -> None
         assert (await ws.receive(timeout=5)).data == "héllo"
         await ws.send_bytes(b"\x00\xff")
         assert (await ws.receive(timeout=5)).data == b"\x00\xff"
-        await ws.send_str("z" * 4000)
-        assert (await ws.receive(timeout=5)).data == "z" * 4000
-        await ws.send_str("z" * 5000)
+        await ws.send_str("z" * 4096)  # exactly the limit passes, as on the hub
+        assert (await ws.receive(timeout=5)).data == "z" * 4096
+        await ws.send_str("z" * 4097)
         msg = await ws.receive(timeout=5)
         assert msg.type is aiohttp.WSMsgType.CLOSE and ws.close_code == 1009
 
