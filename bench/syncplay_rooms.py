@@ -17,8 +17,17 @@ Measured: the time from just before a member sends ``syncplay.play``/``seek``/``
 the LAST of the room's 50 members has received the resulting ``syncplay.command`` (all
 processes read the same wall clock; a worker takes the time in the client's handler, right
 after the frame was decoded), as p50/p99/max over every command of the window; the first
-member's receipt too; the hub's CPU (user + system from ``/proc/PID/stat``) and RSS; every
-worker's CPU; the load average.
+member's receipt too; how many ``play``/``seek`` reached a member after their ``when``; the
+hub's CPU (user + system from ``/proc/PID/stat``), run-queue wait (``schedstat``) and RSS;
+every worker's CPU; the load average.
+
+Diagnostics: the hub runs through ``--hub``, a wrapper around ``revenge-ws serve`` that logs
+full garbage collections (and any of 5 ms or more) and times the notifications' on-connect
+hook; ``--profile`` samples it with py-spy. Connections are opened in a closed loop (at most
+``--unserved`` waiting for the hub's first pong): the hub reads a new connection only after its
+on-connect hooks ran, and an open-loop burst (``--unserved 0``) can leave connections unread
+long enough to be closed with 4003. ``--diag-gc-threshold`` and ``--diag-skip-redeliver``
+change the hub for A/B tests (see docs/benchmarks-syncplay.md).
 
     python bench/syncplay_rooms.py                       # 100 x 50, 4 workers, 3 x 30 s
     python bench/syncplay_rooms.py --phases 0,5,2,1 --json /tmp/rooms.json
@@ -151,18 +160,45 @@ def hub_main() -> int:
             return
         ms = (time.perf_counter() - started[0]) * 1000.0
         if info["generation"] == 2 or ms >= 5.0:
+            tracked = len(gc.get_objects(2)) if info["generation"] == 2 else -1
             sys.stderr.write(
                 f"GCPAUSE {time.time():.3f} gen={info['generation']} ms={ms:.1f} "
-                f"collected={info['collected']}\n"
+                f"collected={info['collected']} gen2_objects={tracked}\n"
             )
 
+    threshold = os.environ.get("BENCH_GC_THRESHOLD")
+    if threshold:
+        gc.set_threshold(*(int(x) for x in threshold.split(",")))
     gc.callbacks.append(on_gc)
+
+    # The notifications feature's on_connect hook (redeliver unacknowledged notifications)
+    # runs before the hub reads the connection's first frame: time it (diagnosis only).
+    from revenge_ws.features import notifications
+
+    original = notifications.Notifications.redeliver
+    skip = os.environ.get("BENCH_SKIP_REDELIVER") == "1"
+
+    async def timed_redeliver(self: Any, conn: Any) -> None:
+        t = time.perf_counter()
+        if not skip:
+            await original(self, conn)
+        sys.stderr.write(
+            f"HOOK {time.time():.3f} redeliver ms={(time.perf_counter() - t) * 1e3:.1f}\n"
+        )
+
+    notifications.Notifications.redeliver = timed_redeliver  # type: ignore[method-assign]
     from revenge_ws.cli import main as serve_main
 
     return serve_main(["serve"])
 
 
-def start_hub(env: dict[str, str], timeout: float = 30.0) -> HubProcess:
+def start_hub(
+    env: dict[str, str],
+    timeout: float = 30.0,
+    *,
+    skip_redeliver: bool = False,
+    gc_threshold: str = "",
+) -> HubProcess:
     """The hub (``--hub``) on a free port; waits until it accepts connections."""
     port = free_port()
     full = {k: v for k, v in os.environ.items() if not k.startswith("REVENGE_")}
@@ -177,6 +213,10 @@ def start_hub(env: dict[str, str], timeout: float = 30.0) -> HubProcess:
         }
     )
     full.update(env)
+    if skip_redeliver:
+        full["BENCH_SKIP_REDELIVER"] = "1"
+    if gc_threshold:
+        full["BENCH_GC_THRESHOLD"] = gc_threshold
     fd, log_name = tempfile.mkstemp(prefix="bench-rooms-hub-", suffix=".log")
     try:
         proc = subprocess.Popen(
@@ -196,10 +236,27 @@ def start_hub(env: dict[str, str], timeout: float = 30.0) -> HubProcess:
     raise RuntimeError(f"hub did not start in {timeout}s:\n{hub.log()[-2000:]}")
 
 
+def hook_times(hub: HubProcess) -> dict[str, Any]:
+    """Durations of the hub's on-connect notification redelivery hook (logged by ``--hub``)."""
+    ms = []
+    with contextlib.suppress(OSError):
+        for line in hub.log().splitlines():
+            if line.startswith("HOOK "):
+                ms.append(float(line.rsplit("=", 1)[1]))
+    ms.sort()
+    return {
+        "n": len(ms),
+        "p50": percentile(ms, 50),
+        "p99": percentile(ms, 99),
+        "max": ms[-1] if ms else None,
+    }
+
+
 def gc_pauses(hub: HubProcess, t0: float, t1: float) -> dict[str, Any]:
     """The hub's logged collections between wall-clock ``t0`` and ``t1`` (s)."""
-    full = []
-    slow = []
+    full: list[float] = []
+    slow: list[float] = []
+    objects = 0
     with contextlib.suppress(OSError):
         for line in hub.log().splitlines():
             if not line.startswith("GCPAUSE "):
@@ -211,6 +268,8 @@ def gc_pauses(hub: HubProcess, t0: float, t1: float) -> dict[str, Any]:
             gen = int(parts[2].split("=")[1])
             ms = float(parts[3].split("=")[1])
             (full if gen == 2 else slow).append(ms)
+            if gen == 2 and len(parts) > 5:
+                objects = max(objects, int(parts[5].split("=")[1]))
     both = full + slow
     return {
         "full_collections": len(full),
@@ -218,6 +277,7 @@ def gc_pauses(hub: HubProcess, t0: float, t1: float) -> dict[str, Any]:
         "over_5ms": len([x for x in both if x >= 5.0]),
         "max_ms": round(max(both), 1) if both else 0.0,
         "total_ms": round(sum(both), 1),
+        "gen2_objects": objects,
     }
 
 
@@ -262,13 +322,16 @@ class Worker:
             rid = cmd.get("room_id")
             if not isinstance(seq, int) or not isinstance(rid, str):
                 return
+            when = cmd.get("when")
+            late = t - float(when) if isinstance(when, int | float) else float("-inf")
             rec = self.receipts.get((rid, seq))
             if rec is None:
-                self.receipts[(rid, seq)] = [1, t, t]
+                self.receipts[(rid, seq)] = [1, t, t, late]
             else:
                 rec[0] += 1
                 rec[1] = min(rec[1], t)
                 rec[2] = max(rec[2], t)
+                rec[3] = max(rec[3], late)
             known = self.timelines.get(room)
             if known is None or known[0] < seq:
                 kind = cmd.get("command")
@@ -283,7 +346,12 @@ class Worker:
         return on_command
 
     # -- phases
-    async def connect(self, members: list[list[int]], rate: float, concurrency: int) -> None:
+    async def connect(
+        self, members: list[list[int]], rate: float, concurrency: int, until_served: bool
+    ) -> None:
+        """Open the connections, at most ``rate``/s and ``concurrency`` at a time; with
+        ``until_served`` a connection counts until the hub answered its first ping (closed
+        loop: the hub serves a new connection only after its on-connect hooks ran)."""
         import aiohttp
 
         settings = make_settings()
@@ -319,9 +387,36 @@ class Worker:
                     failed += 1
                     if len(self.errors) < 20:
                         self.errors.append(f"connect {user}: {type(exc).__name__}: {exc}")
+                    return
+                for _ in range(1200):  # bounded: 120 s
+                    if not until_served or c.clock.samples or not c.connected:
+                        break
+                    await asyncio.sleep(0.1)
 
         await asyncio.gather(*(one(k, r, m) for k, (r, m) in enumerate(members)))
-        self.emit("connected", n=len(self.clients) - failed, failed=failed, errors=self.errors[:10])
+        # How long after its welcome did the hub first read (and answer) each connection's
+        # first ping? (t1 of the first pong minus the welcome's server_time, both hub clock.)
+        for _ in range(240):  # bounded: 120 s
+            if all(c.clock.samples for c in self.clients.values() if c.connected):
+                break
+            await asyncio.sleep(0.5)
+        served = []
+        unanswered = 0
+        for c in self.clients.values():
+            samples = c.clock.samples
+            st = (c.welcome or {}).get("server_time")
+            if samples and isinstance(st, int | float):
+                served.append(round(samples[0].t1 - st, 1))
+            else:
+                unanswered += 1
+        self.emit(
+            "connected",
+            n=len(self.clients) - failed,
+            failed=failed,
+            errors=self.errors[:10],
+            first_ping_served_ms=served,
+            unanswered=unanswered,
+        )
 
     async def create(self, rooms: list[int], max_participants: int) -> None:
         async def one(room: int) -> None:
@@ -354,7 +449,10 @@ class Worker:
                 except Exception as exc:
                     failed += 1
                     if len(self.errors) < 20:
-                        self.errors.append(f"join {room}/{member}: {type(exc).__name__}: {exc}")
+                        self.errors.append(
+                            f"join {room}/{member} at {time.strftime('%H:%M:%S')}: "
+                            f"{type(exc).__name__}: {exc}"
+                        )
                     return
             if report > 0:
                 # Like a real player: report from the moment it is in the room.
@@ -442,6 +540,7 @@ class Worker:
         )
         try:
             await asyncio.wait_for(asyncio.gather(*tasks), duration + 60)
+            await asyncio.sleep(max(0.0, end - loop.time()))  # the whole window, idle too
         finally:
             for t in tasks:
                 t.cancel()
@@ -520,7 +619,9 @@ async def worker_main(max_lifetime: float) -> None:
             op = msg["op"]
             if op == "connect":
                 w = Worker(msg)
-                await w.connect(msg["members"], msg["rate"], msg["concurrency"])
+                await w.connect(
+                    msg["members"], msg["rate"], msg["concurrency"], msg["until_served"]
+                )
             elif op == "create":
                 assert w is not None
                 await w.create(msg["rooms"], msg["max_participants"])
@@ -641,6 +742,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "members": args.members,
             "connections": args.rooms * args.members,
             "workers": args.workers,
+            "connect_rate": args.connect_rate,
+            "unserved": args.unserved,
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "phases": args.phases,
@@ -656,14 +759,21 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     total = args.rooms * args.members
     hub_env = {
         "REVENGE_NODE_ID": "bench-rooms",
-        "REVENGE_LOGGING_LEVEL": "WARNING",
+        "REVENGE_LOGGING_LEVEL": args.hub_log_level,
         "REVENGE_LOGGING_ACCESS_LOG": "false",
         "REVENGE_SERVER_MAX_CONNECTIONS": str(total + 1000),
         "REVENGE_SERVER_ACCEPT_RATE": str(max(1000.0, args.connect_rate * 2)),
         "REVENGE_SERVER_ACCEPT_BURST": str(max(2000, total)),
         "REVENGE_SYNCPLAY_MAX_ROOMS": str(max(10000, args.rooms)),
     }
-    hub = start_hub(hub_env, timeout=30)
+    hub = start_hub(
+        hub_env,
+        timeout=30,
+        skip_redeliver=args.diag_skip_redeliver,
+        gc_threshold=args.diag_gc_threshold,
+    )
+    results["meta"]["diag_skip_redeliver"] = args.diag_skip_redeliver
+    results["meta"]["diag_gc_threshold"] = args.diag_gc_threshold or "default"
     hub_cores, worker_cores = split_cores() if args.pin else (None, None)
     if hub_cores:
         pin_process(hub.proc.pid, hub_cores)
@@ -695,13 +805,27 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 url=hub.ws_url,
                 members=members,
                 rate=args.connect_rate / args.workers,
-                concurrency=200,
+                concurrency=max(1, args.unserved // args.workers) if args.unserved else 200,
+                until_served=args.unserved > 0,
             )
         timeout = 120 + total / max(1.0, args.connect_rate) * 3
         got = await asyncio.gather(*(w.expect("connected", timeout) for w in workers))
         connected = sum(g["n"] for g in got)
         failed = sum(g["failed"] for g in got)
         results["setup"] = {"connected": connected, "connect_failed": failed}
+        served = sorted(x for g in got for x in g["first_ping_served_ms"])
+        results["setup"]["first_ping_read_after_welcome_ms"] = {
+            "p50": percentile(served, 50),
+            "p99": percentile(served, 99),
+            "max": served[-1] if served else None,
+            "never_within_120s": sum(g["unanswered"] for g in got),
+        }
+        results["setup"]["redeliver_hook_ms"] = hook_times(hub)
+        log(
+            "first ping read by the hub after the welcome (ms): "
+            f"{results['setup']['first_ping_read_after_welcome_ms']}; on-connect "
+            f"notification redelivery (ms): {results['setup']['redeliver_hook_ms']}"
+        )
         results["setup"]["connect_s"] = round(time.monotonic() - t, 1)
         log(f"connected {connected}/{total} in {time.monotonic() - t:.1f}s (failed {failed})")
         if failed:
@@ -741,6 +865,9 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         code = hub.stop(signal.SIGTERM, timeout=30)
         if code not in (0, -15):
             results["errors"].append(f"hub exited with {code}: {hub.log()[-1000:]}")
+        if args.hub_log:
+            with contextlib.suppress(OSError):
+                shutil.copyfile(hub.log_path, args.hub_log)
         with contextlib.suppress(OSError):
             hub.log_path.unlink()
     results["meta"]["loadavg_end"] = loadavg()
@@ -863,7 +990,8 @@ async def measure_phase(
     }
     lat = phase["latency"]
     log(
-        f"  commands {lat['commands']} ({lat['incomplete']} incomplete): request -> last member "
+        f"  commands {lat['commands']} ({lat['incomplete']} incomplete, play/seek after when: "
+        f"{lat['after_when']}/{lat['scheduled']}): request -> last member "
         f"p50 {lat['last_p50_ms']} p99 {lat['last_p99_ms']} max {lat['last_max_ms']} ms; "
         f"hub CPU {phase['hub']['cpu_percent']}% (waiting for a CPU "
         f"{phase['hub']['cpu_wait_percent']}%); report ack p50 {phase['report_ack']['p50_ms']} "
@@ -878,19 +1006,22 @@ def merge(
     """Join every worker's sends and receipts on (room_id, command_seq)."""
     receipts: dict[tuple[str, int], list[float]] = {}
     for g in got:
-        for rid, seq, count, first, last in g["receipts"]:
-            rec = receipts.setdefault((rid, seq), [0, float("inf"), 0.0])
-            rec[0] += count
-            rec[1] = min(rec[1], first)
-            rec[2] = max(rec[2], last)
+        for rid, seq, count, first, last, late in g["receipts"]:
+            acc = receipts.setdefault((rid, seq), [0, float("inf"), 0.0, float("-inf")])
+            acc[0] += count
+            acc[1] = min(acc[1], first)
+            acc[2] = max(acc[2], last)
+            acc[3] = max(acc[3], late)
     sends = [s for g in got for s in g["sends"]]
     t_first = min((s[3] for s in sends), default=0.0)
     last_ms: list[float] = []
     first_ms: list[float] = []
     ack_ms: list[float] = []
     by_kind: dict[str, list[float]] = {}
-    #: [s since the first request, command, -> last ms, -> first ms, -> ack ms]
+    #: [s since the first request, command, -> last ms, -> first ms, -> ack ms,
+    #:  latest receipt - when ms]
     samples: list[list[Any]] = []
+    scheduled = after_when = 0
     incomplete = 0
     counted = 0
     for rid, seq, kind, sent, acked in sends:
@@ -905,6 +1036,10 @@ def merge(
         first_ms.append(rec[1] - sent)
         ack_ms.append(acked - sent)
         by_kind.setdefault(kind, []).append(rec[2] - sent)
+        if kind != "pause":  # a pause takes effect at when = now by design
+            scheduled += 1
+            if rec[3] > 0:
+                after_when += 1
         samples.append(
             [
                 round((sent - t_first) / 1000.0, 3),
@@ -912,6 +1047,7 @@ def merge(
                 round(rec[2] - sent, 2),
                 round(rec[1] - sent, 2),
                 round(acked - sent, 2),
+                round(rec[3], 2),
             ]
         )
     for v in (last_ms, first_ms, ack_ms, *by_kind.values()):
@@ -942,6 +1078,9 @@ def merge(
             for k, v in sorted(by_kind.items())
         },
         "samples": sorted(samples),
+        #: play/seek commands that reached at least one member after their `when`
+        "scheduled": scheduled,
+        "after_when": after_when,
     }
 
 
@@ -957,8 +1096,8 @@ def render(res: dict[str, Any]) -> str:
         "| request every (per room) | reports/s | commands | cmd/s | request → last "
         "member p50 | p99 | max | → first member p50 | ack p50 | report ack p50 / p99 | hub CPU "
         "| hub waiting for a CPU | hub GC: full / longest | hub RSS | workers CPU / waiting (each) "
-        "| load avg 1-min start → end | incomplete |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| load avg 1-min start → end | play/seek reaching a member after `when` | incomplete |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for ph in res.get("phases", []):
         lat, hub = ph["latency"], ph["hub"]
@@ -975,7 +1114,8 @@ def render(res: dict[str, Any]) -> str:
             f"{ra['p99_ms']} ms | {hub['cpu_percent']} % | "
             f"{hub['cpu_wait_percent']} % | {hub['gc']['full_collections']} / "
             f"{hub['gc']['max_ms']} ms | {hub['rss_mib_end']} MiB | {w_cpu} % | "
-            f"{ph['loadavg']['start'][0]} → {ph['loadavg']['end'][0]} | {lat['incomplete']} |"
+            f"{ph['loadavg']['start'][0]} → {ph['loadavg']['end'][0]} | "
+            f"{lat['after_when']} / {lat['scheduled']} | {lat['incomplete']} |"
         )
     lines += [
         "",
@@ -1014,7 +1154,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "then marked disconnected after 30 s and removed after 120 s, by design)",
     )
     ap.add_argument("--profile", type=Path, help="py-spy record the hub: PREFIX.<phase>.txt")
+    ap.add_argument("--hub-log", type=Path, help="keep the hub's log (and GC pauses) here")
+    ap.add_argument(
+        "--hub-log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
     ap.add_argument("--connect-rate", type=float, default=500.0, help="connections/s, total")
+    ap.add_argument(
+        "--unserved",
+        type=int,
+        default=100,
+        help="at most this many new connections (all workers) whose first ping the hub has "
+        "not answered yet; 0 = open loop at --connect-rate (a burst: see the notes on the "
+        "on-connect hook)",
+    )
     ap.add_argument(
         "--settle",
         type=float,
@@ -1031,6 +1183,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="hub on the first core, workers on the others (with >= 2 cores)",
     )
     ap.add_argument("--worker-nice", type=int, default=0, help="niceness of the workers")
+    ap.add_argument(
+        "--diag-skip-redeliver",
+        action="store_true",
+        help="diagnosis: the hub skips the notifications' on-connect redelivery (A/B test)",
+    )
+    ap.add_argument(
+        "--diag-gc-threshold",
+        default="",
+        help="diagnosis: gc.set_threshold(...) in the hub, e.g. 50000,20,10 (A/B test)",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--hub", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cores", default="", help=argparse.SUPPRESS)

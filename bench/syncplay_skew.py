@@ -78,7 +78,7 @@ HUB_ENV = {
 # --------------------------------------------------------------------------- skewed clocks
 #: The local-clock skew (ms) of the member whose asyncio context is running.
 SKEW: contextvars.ContextVar[float] = contextvars.ContextVar("bench_skew", default=0.0)
-_real_now_ms = client_mod.now_ms
+_real_now_ms = client_mod.now_ms  # type: ignore[attr-defined]
 
 
 def _skewed_now_ms() -> float:
@@ -760,13 +760,13 @@ def render(results: dict[str, Any]) -> str:
         )
         late = max(r["worst_arrival_late_ms"] for r in runs)
         r0 = runs[0]
-        met = bool(clean) and all(r["spread_goal_met"] for r in clean)
+        goal = bool(clean) and all(r["spread_goal_met"] for r in clean)
         lines.append(
             f"| {name} | {len(runs)} ({len(runs) - len(clean)}) | {r0['members']} | "
             f"{r0['rtt_range_ms'][0]:.0f}-{r0['rtt_range_ms'][1]:.0f} | {r0['ntp_floor_ms']} | "
             f"{r0['bound_ms']} | {worst} | {late} | "
             f"{'yes' if all(r['all_before_when'] for r in runs) else 'NO'} | "
-            f"{'met' if met else 'NOT met'} |"
+            f"{'met' if goal else 'NOT met'} |"
         )
     lines.append("")
     for run in results["runs"]:
@@ -785,9 +785,8 @@ def render(results: dict[str, Any]) -> str:
         )
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for c in run["commands"]:
-            met = ""
             if c["command"] != "pause":
-                ok = (
+                ok = bool(
                     c["all_before_when"]
                     and c["spread_ms"] is not None
                     and c["spread_ms"] <= run["bound_ms"]

@@ -4,7 +4,7 @@ fault proxies with skewed clocks, symmetric and asymmetric links) and
 side as subprocesses.
 
 No timing is asserted — only that both complete, produce numbers, and that every member had
-every ``play``/``seek``/``unpause`` command before its ``when``."""
+every ``play``/``seek``/``unpause`` command before its ``when`` (in both benches)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _finish(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         output = _stop(proc)
         text = output.decode(errors="replace")
-        raise AssertionError(f"{proc.args} did not finish:\n{text}") from None
+        raise AssertionError(f"{proc.args!r} did not finish:\n{text}") from None
     return proc.returncode, output.decode(errors="replace")
 
 
@@ -91,6 +91,8 @@ def test_syncplay_benches_quick(tmp_path: Path) -> None:
     (phase,) = rooms["phases"]
     lat = phase["latency"]
     assert lat["commands"] > 0 and lat["incomplete"] == 0, lat
+    # every play/seek reached every member before its `when`
+    assert lat["scheduled"] > 0 and lat["after_when"] == 0, lat
     assert 0 < lat["last_p50_ms"] <= lat["last_p99_ms"] <= lat["last_max_ms"], lat
     assert phase["hub"]["cpu_percent"] > 0 and len(phase["workers"]) == 2
     assert all(w["disconnected"] == 0 for w in phase["workers"]), phase["workers"]
