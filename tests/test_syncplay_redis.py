@@ -8,6 +8,7 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -180,3 +181,111 @@ async def test_a_code_used_by_another_room_is_a_lost_race(redis_url: str) -> Non
         assert (await store.find_invite("AAAAAAAA", NOW)).room_id == r1.room_id  # type: ignore[union-attr]
     finally:
         await client.aclose()
+
+
+# --------------------------------------------------------------------------- deadline index
+
+
+def room_at(at: float) -> Room:
+    req = {"name": "R", "content": {"type": "movie", "id": "m"}, "public": True}
+    out = machine.handle(None, "create", req, ALICE, at)
+    assert out.room is not None
+    return out.room
+
+
+async def test_the_deadline_index_is_shared_by_every_node(
+    stores: tuple[RoomStore, RoomStore],
+) -> None:
+    a, b = stores
+    first, second = room_at(NOW), room_at(NOW + 5_000)
+    await a.create(first)
+    await a.create(second)
+    assert await b.due(NOW + 29_999) == []
+    assert await b.due(NOW + 40_000) == [first.room_id, second.room_id]
+    out = await b.update(first.room_id, lambda r: machine.tick(r, NOW + 40_000))
+    assert out.changed  # alice went stale; her removal is the next deadline
+    assert await a.due(NOW + 40_000) == [second.room_id]
+    await b.update(first.room_id, lambda r: machine.tick(r, NOW + 120_000))  # empty: ended
+    assert await a.due(NOW + 10**9) == [second.room_id]
+    assert await b.delete(second.room_id)
+    assert await a.due(NOW + 10**9) == []
+
+
+async def test_the_redis_index_heals(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url, protocol=2)
+    prefix = "t" + secrets.token_hex(4)
+    due_key = f"{prefix}:rooms:due"
+    try:
+        store = RedisRoomStore(client, prefix=prefix)
+        kept, lost = room_at(NOW), room_at(NOW)
+        await store.create(kept)
+        await store.create(lost)
+        assert await store.due(NOW) == []  # the first call also checks the index
+        # The index key is lost (eviction, a flush): found at the next check, each room at
+        # the deadline its blob records.
+        await client.delete(due_key)
+        assert await store.due(NOW + 40_000) == []
+        store._reindex_at = 0.0
+        assert set(await store.due(NOW + 40_000)) == {kept.room_id, lost.room_id}
+        assert await store.due(NOW + 29_999) == []
+        # A room whose blob vanished leaves the index (else it would be due forever).
+        await client.delete(f"{prefix}:room:{lost.room_id}")
+        with pytest.raises(RequestError) as info:
+            await store.update(lost.room_id, lambda r: machine.tick(r, NOW + 40_000))
+        assert info.value.code is ErrorCode.NOT_FOUND
+        assert await store.due(NOW + 40_000) == [kept.room_id]
+        assert lost.room_id.encode() not in await client.smembers(f"{prefix}:rooms")
+        # A blob written before rooms recorded deadlines: due at once, its tick records one.
+        key = f"{prefix}:room:{kept.room_id}"
+        raw = await client.get(key)
+        assert raw is not None
+        blob = orjson.loads(raw)
+        del blob["due_at"]
+        await client.set(key, orjson.dumps(blob))
+        await client.zrem(due_key, kept.room_id)
+        store._reindex_at = 0.0
+        assert await store.due(NOW) == [kept.room_id]
+        out = await store.update(kept.room_id, lambda r: machine.tick(r, NOW))
+        assert out.changed and out.effects == []
+        assert await store.due(NOW) == []
+        assert await client.zscore(due_key, kept.room_id) == NOW + 30_000
+    finally:
+        await client.aclose()
+
+
+async def test_any_node_applies_the_timeouts_of_a_room(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node A wrote the room and is gone; node B's sweep finds it through the index."""
+    from revenge_ws.features.syncplay import SyncPlay
+
+    from .test_syncplay_deadlines import StubNode
+
+    clients = [aioredis.Redis.from_url(redis_url, protocol=2) for _ in range(2)]
+    prefix = "t" + secrets.token_hex(4)
+    try:
+        node_a, node_b = (RedisRoomStore(c, prefix=prefix) for c in clients)
+        room = room_at(NOW)
+        await node_a.create(room)
+        rid = room.room_id
+        await node_a.update(rid, lambda r: machine.handle(r, "join", {"room_id": rid}, BOB, NOW))
+        await clients[0].aclose()
+        stub = StubNode()
+        feature = SyncPlay(stub, node_b, machine.DEFAULT_SETTINGS)  # type: ignore[arg-type]
+        clock = [NOW + 29_000]
+        monkeypatch.setattr("revenge_ws.features.syncplay.now_ms", lambda: clock[0])
+        await feature.tick_once()
+        assert stub.published == []
+        clock[0] = NOW + 30_000
+        await feature.tick_once()
+        stored = await node_b.get(rid)
+        assert stored is not None
+        assert not stored.members["alice"].connected and not stored.members["bob"].connected
+        assert {t for _, t, _ in stub.published} >= {"syncplay.member_updated"}
+        clock[0] = NOW + 120_000
+        await feature.tick_once()
+        assert await node_b.get(rid) is None  # both removed: the room ended
+        assert "syncplay.ended" in {t for _, t, _ in stub.published}
+    finally:
+        for c in clients:
+            await c.aclose()

@@ -234,14 +234,14 @@ class SyncPlay:
                 log.warning("syncplay timeouts skipped: %s", exc)
 
     async def tick_once(self) -> None:
+        """Apply the timeouts of the rooms that are due. The store's deadline index names
+        them, so an idle second loads no room at all; several nodes ticking one room is
+        harmless (``tick`` is idempotent and the store's compare-and-set lets one commit)."""
         now = now_ms()
-        for room in await self.store.list_all():
-            deadline = machine.next_deadline(room, self.settings)
-            if deadline is None or deadline > now:
-                continue
+        for room_id in await self.store.due(now):
             with contextlib.suppress(RequestError):
                 outcome = await self.store.update(
-                    room.room_id, lambda r: machine.tick(r, now, settings=self.settings)
+                    room_id, lambda r: machine.tick(r, now, settings=self.settings)
                 )
                 await self.apply(outcome)
 

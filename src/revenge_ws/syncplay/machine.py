@@ -16,7 +16,9 @@ Guarantees
   change nothing at all, so they cost no write.
 - ``command_seq`` grows by exactly one per published ``syncplay.command``.
 - No room freezes: every reason to wait has a deadline that :func:`tick` enforces, and
-  :func:`next_deadline` says when the next one falls.
+  :func:`next_deadline` says when the next one falls. Every change records it in
+  ``Room.due_at``, so a store can index rooms by deadline and the node ticks only rooms
+  that are due.
 
 Timeline
 --------
@@ -347,6 +349,10 @@ class Room:
     ended: bool = False
     ended_reason: str | None = None
     version: int = 0
+    #: :func:`next_deadline` as of the last change (None: ended, or not known yet for a room
+    #: stored before this field existed; :func:`tick` then records it). Stores index rooms
+    #: by it, so the timeout sweep loads only rooms that are due.
+    due_at: float | None = None
 
     # -- timeline
 
@@ -610,10 +616,20 @@ class _Ctx:
         self.log(command, by, position=cmd["position"], command_seq=room.command_seq)
 
     def outcome(self, reply: dict[str, Any], changed: bool = True) -> Outcome:
+        room = self.room
         if changed:
-            self.room.version += 1
-        deadline = None if self.room.ended else next_deadline(self.room, self.settings)
-        return Outcome(self.room, reply, self.effects, changed, deadline)
+            room.version += 1
+            room.due_at = None if room.ended else next_deadline(room, self.settings)
+            return Outcome(room, reply, self.effects, changed, room.due_at)
+        # Unchanged (most reports): the deadline recorded by the last change still holds,
+        # and recomputing it for every report was a visible share of the hub's CPU.
+        if room.ended:
+            deadline = None
+        elif room.due_at is not None:
+            deadline = room.due_at
+        else:
+            deadline = next_deadline(room, self.settings)
+        return Outcome(room, reply, self.effects, changed, deadline)
 
 
 # --------------------------------------------------------------------------- request schemas
@@ -1460,7 +1476,8 @@ def disconnect(
 def tick(room: Room, now_ms: float, *, settings: Settings = DEFAULT_SETTINGS) -> Outcome:
     """Apply every timeout due at ``now_ms``: idle end, silent and disconnected members,
     buffering timeouts (then a waiting room starts), expired invitations, old chat-rate
-    entries. Idempotent; ``changed`` is False when nothing was due."""
+    entries; and record ``Room.due_at`` when it differs from :func:`next_deadline`.
+    Idempotent; ``changed`` is False when nothing was due and ``due_at`` was right."""
     ctx = _Ctx(room, now_ms, settings, SECURE_IDS)
     if room.ended:
         return ctx.outcome({}, changed=False)
@@ -1514,6 +1531,10 @@ def tick(room: Room, now_ms: float, *, settings: Settings = DEFAULT_SETTINGS) ->
         if not times or now_ms - times[-1] >= 60_000.0:
             del room.chat_times[uid]
             changed = True
+    # A recorded deadline that is wrong (never recorded, or other settings) is corrected by
+    # a write, so the store's index cannot keep pointing at a room with nothing due.
+    if not changed and room.due_at != next_deadline(room, s):
+        changed = True
     return ctx.outcome({}, changed=changed)
 
 

@@ -5,10 +5,14 @@ compare-and-set on ``Room.version`` done by one Lua script, so concurrent comman
 room from any number of nodes are serialized: a lost race re-reads and re-runs the pure
 engine. Invitation codes are indexed by keys that expire with the invitation and are
 claimed in the same script (a code already used by another room counts as a lost race).
-Only GET/SET/DEL/S* commands and EVAL are used (Valkey and Dragonfly have them).
+The same script keeps a sorted set of room ids scored by their next deadline
+(``Room.due_at``), so every node's timeout sweep asks Redis which rooms are due instead of
+loading every room every second; a room keeps its timeouts when any node goes away.
+Only GET/SET/DEL/EXISTS, S* and Z* commands and EVAL are used (Valkey and Dragonfly have them).
 
 Keys (``P`` is the broker's prefix): ``P:room:{id}`` (JSON), ``P:rooms`` (set of ids),
-``P:invite:{code}`` (room id, expires with the invitation).
+``P:rooms:due`` (sorted set: id scored by deadline, ms), ``P:invite:{code}`` (room id,
+expires with the invitation).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -33,10 +38,11 @@ __all__ = ["RedisRoomStore"]
 R = TypeVar("R")
 T = TypeVar("T")
 
-# KEYS: room, rooms-set, the invite keys to claim (n of them), then the invite keys to
-# release. ARGV: room_id, expected version ("" = must not exist), new JSON ("" = delete),
-# now_ms, n, then the n claims' expiry times (ms). Every key is declared in KEYS, so the
-# script also runs where undeclared keys are refused (Dragonfly's default, Redis Cluster).
+# KEYS: room, rooms-set, due-index, the invite keys to claim (n of them), then the invite
+# keys to release. ARGV: room_id, expected version ("" = must not exist), new JSON ("" =
+# delete), now_ms, n, the room's deadline (index score), then the n claims' expiry times
+# (ms). Every key is declared in KEYS, so the script also runs where undeclared keys are
+# refused (Dragonfly's default, Redis Cluster).
 _CAS = """
 local cur = redis.call('GET', KEYS[1])
 local expected = ARGV[2]
@@ -50,28 +56,62 @@ end
 local now = tonumber(ARGV[4])
 local n = tonumber(ARGV[5])
 for i = 1, n do
-  local owner = redis.call('GET', KEYS[2 + i])
+  local owner = redis.call('GET', KEYS[3 + i])
   if owner and owner ~= ARGV[1] then return 'code_taken' end
 end
-for i = 3 + n, #KEYS do
+for i = 4 + n, #KEYS do
   if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
 end
 if ARGV[3] == '' then
   redis.call('DEL', KEYS[1])
   redis.call('SREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
   for i = 1, n do
-    if redis.call('GET', KEYS[2 + i]) == ARGV[1] then redis.call('DEL', KEYS[2 + i]) end
+    if redis.call('GET', KEYS[3 + i]) == ARGV[1] then redis.call('DEL', KEYS[3 + i]) end
   end
   return 'ok'
 end
 for i = 1, n do
-  local ttl = tonumber(ARGV[5 + i]) - now
-  if ttl > 0 then redis.call('SET', KEYS[2 + i], ARGV[1], 'PX', math.floor(ttl)) end
+  local ttl = tonumber(ARGV[6 + i]) - now
+  if ttl > 0 then redis.call('SET', KEYS[3 + i], ARGV[1], 'PX', math.floor(ttl)) end
 end
 redis.call('SET', KEYS[1], ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
 return 'ok'
 """
+
+# KEYS: rooms-set, due-index. The ids of rooms missing from the index (stored before it
+# existed, or the index key was lost).
+_MISSING = """
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if not redis.call('ZSCORE', KEYS[2], id) then out[#out + 1] = id end
+end
+return out
+"""
+
+# KEYS: room, due-index. ARGV: room_id, deadline. NX: a write since the caller read the room
+# has indexed a newer deadline, which wins.
+_INDEX = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1])
+end
+return 0
+"""
+
+# KEYS: room, rooms-set, due-index. ARGV: room_id. Drops the index entries of a room whose
+# blob is gone (e.g. evicted), so it is not due forever.
+_FORGET = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+end
+return 0
+"""
+
+#: How often (s) a node checks that every room is in the deadline index.
+REINDEX_INTERVAL = 60.0
 
 
 class RedisRoomStore:
@@ -92,6 +132,10 @@ class RedisRoomStore:
         self.max_attempts = max_attempts
         self.ids = ids
         self._cas = redis.register_script(_CAS)
+        self._missing = redis.register_script(_MISSING)
+        self._index = redis.register_script(_INDEX)
+        self._forget = redis.register_script(_FORGET)
+        self._reindex_at = 0.0  # time.monotonic(); the first sweep checks the index
         self._locks: dict[str, asyncio.Lock] = {}
 
     @classmethod
@@ -105,6 +149,10 @@ class RedisRoomStore:
     @property
     def _set_key(self) -> str:
         return f"{self.prefix}:rooms"
+
+    @property
+    def _due_key(self) -> str:
+        return f"{self.prefix}:rooms:due"
 
     async def _run(self, aw: Awaitable[T]) -> T:
         try:
@@ -128,10 +176,34 @@ class RedisRoomStore:
     async def list_public(self) -> builtins.list[Room]:
         return [r for r in await self.list_all() if r.public]
 
+    async def due(self, now_ms: float) -> builtins.list[str]:
+        if time.monotonic() >= self._reindex_at:
+            await self._reindex()
+            self._reindex_at = time.monotonic() + REINDEX_INTERVAL
+        ids = await self._run(self._redis.zrangebyscore(self._due_key, "-inf", now_ms))
+        return [_text(i) for i in ids if isinstance(i, bytes | str)]
+
+    async def _reindex(self) -> None:
+        """Index rooms the index lacks, at the deadline their blob records (0, due at once,
+        when it records none: their tick records one)."""
+        missing = await self._run(self._missing(keys=[self._set_key, self._due_key]))
+        for raw_id in missing:
+            room_id = _text(raw_id)
+            key = self._room_key(room_id)
+            raw = await self._run(self._redis.get(key))
+            if raw is None:
+                await self._run(
+                    self._forget(keys=[key, self._set_key, self._due_key], args=[room_id])
+                )
+                continue
+            due = orjson.loads(raw).get("due_at")
+            score = float(due) if isinstance(due, int | float) else 0.0
+            await self._run(self._index(keys=[key, self._due_key], args=[room_id, score]))
+
     async def _write(self, room: Room, expected: str, old_codes: set[str]) -> str:
         claims = list(room.invites.items())
         release = sorted(old_codes - set(room.invites))
-        keys = [self._room_key(room.room_id), self._set_key]
+        keys = [self._room_key(room.room_id), self._set_key, self._due_key]
         keys += [self._invite_key(code) for code, _ in claims]
         keys += [self._invite_key(code) for code in release]
         argv: list[Any] = [
@@ -140,6 +212,7 @@ class RedisRoomStore:
             "" if room.ended else orjson.dumps(room.to_dict()),
             int(now_ms()),
             len(claims),
+            0.0 if room.due_at is None else room.due_at,  # unknown: due at once
             *(int(inv.expires_at) for _, inv in claims),
         ]
         result = await self._run(self._cas(keys=keys, args=argv))
@@ -174,8 +247,12 @@ class RedisRoomStore:
 
     async def _update(self, room_id: str, fn: Callable[[Room], R]) -> R:
         for attempt in range(self.max_attempts):
-            raw = await self._run(self._redis.get(self._room_key(room_id)))
+            key = self._room_key(room_id)
+            raw = await self._run(self._redis.get(key))
             if raw is None:
+                await self._run(
+                    self._forget(keys=[key, self._set_key, self._due_key], args=[room_id])
+                )
                 raise RequestError(ErrorCode.NOT_FOUND, "no such room")
             snap = orjson.loads(raw)
             room = Room.from_dict(snap)

@@ -14,11 +14,15 @@ of :meth:`Room.to_dict` and fulfils the same guarantees:
   a write that would add a code already used by another room is treated like a lost race, so
   ``fn`` runs again and draws another code.
 - Public rooms and all rooms are indexed (sets) for ``list_public``/``list_all``.
+- Rooms are indexed by their next deadline (``Room.due_at``, recorded by the engine at every
+  change), written atomically with the room, for :meth:`RoomStore.due`: the node's timeout
+  sweep loads only the rooms that have something due instead of every room every second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
@@ -45,6 +49,13 @@ class RoomStore(Protocol):
 
     async def list_all(self) -> list[Room]:
         """Every room, oldest first (admins, the node's timeout sweeper)."""
+        ...
+
+    async def due(self, now_ms: float) -> list[str]:
+        """Ids of the rooms whose recorded deadline (``Room.due_at``) is at or before
+        ``now_ms``, earliest first; a room without one counts as due at once. A room stays
+        due until a write records a later deadline (the engine's ``tick`` records one
+        whenever the recorded one is wrong), so a sweep that fails is retried by the next."""
         ...
 
     async def create(self, room: Room) -> None:
@@ -116,6 +127,9 @@ class MemoryRoomStore:
         self._locks: dict[str, asyncio.Lock] = {}
         self._invites: dict[str, str] = {}  # code -> room_id
         self._codes: dict[str, set[str]] = {}  # room_id -> its codes
+        self._due: dict[str, float] = {}  # room_id -> recorded deadline
+        # (deadline, room_id), with stale entries skipped when popped: updates only push.
+        self._heap: list[tuple[float, str]] = []
         #: Pass this to the engine: its invitation codes avoid every code in use here.
         self.ids: IdSource = _FreshCodes(self._invites, ids)
 
@@ -139,6 +153,17 @@ class MemoryRoomStore:
             rooms = [Room.from_dict(r.to_dict()) for r in self._live.values()]
         rooms.sort(key=lambda r: (r.created_at, r.room_id))
         return rooms
+
+    async def due(self, now_ms: float) -> list[str]:
+        heap, found = self._heap, {}
+        while heap and heap[0][0] <= now_ms:
+            deadline, room_id = heapq.heappop(heap)
+            if self._due.get(room_id) == deadline:
+                found[room_id] = deadline
+        # Still due until a write moves them: back into the heap.
+        for room_id, deadline in found.items():
+            heapq.heappush(heap, (deadline, room_id))
+        return list(found)
 
     async def create(self, room: Room) -> None:
         if room.ended:
@@ -231,6 +256,7 @@ class MemoryRoomStore:
         for code in codes:
             self._invites[code] = room.room_id
         self._codes[room.room_id] = codes
+        self._index(room)
         if self.isolate:
             self._snaps[room.room_id] = stored.to_dict()
         else:
@@ -242,6 +268,19 @@ class MemoryRoomStore:
         for code in self._codes.pop(room_id, set()):
             del self._invites[code]
         self._locks.pop(room_id, None)
+        self._due.pop(room_id, None)
+
+    def _index(self, room: Room) -> None:
+        deadline = 0.0 if room.due_at is None else room.due_at
+        if self._due.get(room.room_id) == deadline:
+            return
+        self._due[room.room_id] = deadline
+        heapq.heappush(self._heap, (deadline, room.room_id))
+        # Every write of a new deadline leaves a stale entry behind; rebuild before they
+        # outnumber the live ones (reports rewrite every room every 10 s).
+        if len(self._heap) > 2 * len(self._due) + 64:
+            self._heap = [(d, r) for r, d in self._due.items()]
+            heapq.heapify(self._heap)
 
 
 class _FreshCodes:
