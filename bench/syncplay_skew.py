@@ -6,10 +6,9 @@ connected through its own :class:`tests.faultproxy.FaultProxy` (per-direction de
 proxies run in a helper process so their timers do not share the members' event loop).
 Each member has a skewed local clock ``local_now() = time.time() * 1000 + skew``:
 
-- the skew is injected INTO the unmodified client: ``revenge_ws.client.now_ms`` (the only
-  clock the client reads) is replaced by a function that adds the skew of the member whose
-  asyncio context is running (a ``ContextVar`` set in each member's tasks). So every ping's
-  ``t0``/``t3`` — and the client's ``ClockSync`` estimate — are in the member's own clock;
+- the skew is given to the unmodified client as its clock (``Client(clock=...)``, which
+  every local timestamp of the client comes from). So every ping's ``t0``/``t3`` — and the
+  client's ``ClockSync`` estimate — are in the member's own clock;
 - the member's player is driven by :class:`revenge_ws.client.syncplay.SyncController`
   whose server clock is ``local_now() + client.clock_offset``; it starts when that estimate
   reaches the command's ``when``: an asyncio sleep until 2 ms before, then ``sleep(0)``
@@ -56,7 +55,6 @@ if str(ROOT) not in sys.path:
 from tests.faultproxy import FaultProxy  # noqa: E402
 from tests.helpers import HubProcess, make_settings, start_hub_process  # noqa: E402
 
-import revenge_ws.client as client_mod  # noqa: E402
 from revenge_ws.auth import mint_token  # noqa: E402
 from revenge_ws.client import Client  # noqa: E402
 from revenge_ws.client.syncplay import SyncController  # noqa: E402
@@ -75,25 +73,8 @@ HUB_ENV = {
     "REVENGE_LOGGING_ACCESS_LOG": "false",
 }
 
-# --------------------------------------------------------------------------- skewed clocks
-#: The local-clock skew (ms) of the member whose asyncio context is running.
-SKEW: contextvars.ContextVar[float] = contextvars.ContextVar("bench_skew", default=0.0)
-_real_now_ms = client_mod.now_ms  # type: ignore[attr-defined]
 
-
-def _skewed_now_ms() -> float:
-    return time.time() * 1000.0 + SKEW.get()
-
-
-def install_skewed_clock() -> None:
-    """Make the client read its clock through :data:`SKEW` (per asyncio context)."""
-    client_mod.now_ms = _skewed_now_ms  # type: ignore[attr-defined]
-
-
-def uninstall_skewed_clock() -> None:
-    client_mod.now_ms = _real_now_ms  # type: ignore[attr-defined]
-
-
+# --------------------------------------------------------------------------- clocks
 def true_ms() -> float:
     return time.time() * 1000.0
 
@@ -333,7 +314,7 @@ class Member:
     def est_server(self) -> float:
         return self.local_now() + self.offset
 
-    # -- tasks in the member's context (its skewed clock)
+    # -- the member's tasks (tracked, so close() can cancel them)
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         assert self.ctx is not None
         task = asyncio.get_running_loop().create_task(coro, context=self.ctx.copy())
@@ -348,7 +329,12 @@ class Member:
     async def connect(self, pings: int) -> None:
         """In the member's context: connect, then ``pings`` extra NTP exchanges."""
         self.client = Client(
-            self.url, token=self.token, queue_size=0, reconnect=False, request_timeout=10.0
+            self.url,
+            token=self.token,
+            queue_size=0,
+            reconnect=False,
+            request_timeout=10.0,
+            clock=self.local_now,
         )
         self.ctl = SyncController(self.player, self.est_server)
         self.client.on("syncplay.command", self._on_command)
@@ -510,7 +496,6 @@ async def run_scenario(
                 mint_token(settings.jwt, user, name=user),
             )
             m.ctx = contextvars.copy_context()
-            m.ctx.run(SKEW.set, skew)
             members.append(m)
         await asyncio.gather(*(m.run_in_ctx(m.connect(pings), 60) for m in members))
         log(f"  {len(members)} members connected and synced")
@@ -688,7 +673,6 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "runs": [],
         "errors": [],
     }
-    install_skewed_clock()
     hub = start_hub_process(HUB_ENV)
     try:
         for rep in range(args.repeat):
@@ -733,7 +717,6 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                     if not res["noisy"]:
                         break
     finally:
-        uninstall_skewed_clock()
         code = hub.stop()
         if code not in (0, -15):
             results["errors"].append(f"hub exited with {code}")

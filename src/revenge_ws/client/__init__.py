@@ -22,7 +22,8 @@ What it does by itself (details and numbers in ``docs/client.md``):
   ``subscription.reset``) it calls ``on_recovery_failed(channel)`` and emits a
   ``client.recovery_failed`` event, so the application reloads that state over REST;
 - pings every ``heartbeat.interval`` (three quick pings at connect), estimates the
-  server clock NTP-style (:class:`ClockSync`: min-delay of the last 8 samples) and
+  server clock NTP-style (:class:`ClockSync`: min-delay of the last 8 samples; every
+  local timestamp comes from the ``clock`` given, the system clock by default) and
   reconnects when nothing arrives for ``heartbeat.timeout`` (watchdog);
 - refreshes the token (``auth.refresh``) before it expires when given a provider.
 
@@ -234,7 +235,12 @@ class Client:
     ``auth.refresh`` is sent), after a close with 4001 and after a handshake refused
     with 401. ``on_recovery_failed(channel)`` is called when a channel's history could
     not be recovered (reload that state). ``rng`` makes the reconnect timing
-    reproducible. The other keyword options are the fields of :class:`ClientConfig`.
+    reproducible. ``clock`` returns the local time in ms since the Unix epoch (default: the
+    system clock); every local timestamp the client takes — ping ``t0``/``t3``, hence
+    :attr:`clock_offset`, :attr:`rtt` and :meth:`server_time` — comes from it, so tests
+    and simulations can give each client a clock of its own. (:attr:`clock` is the
+    :class:`ClockSync` estimator it feeds.) The other keyword options are the fields of
+    :class:`ClientConfig`.
     """
 
     def __init__(
@@ -246,6 +252,7 @@ class Client:
         on_recovery_failed: RecoveryCallback | None = None,
         session: aiohttp.ClientSession | None = None,
         rng: random.Random | None = None,
+        clock: Callable[[], float] | None = None,
         token_in_query: bool = False,
         headers: Mapping[str, str] | None = None,
         origin: str | None = None,
@@ -299,6 +306,7 @@ class Client:
         self._need_token = token is None and token_provider is not None
         self._on_recovery_failed = on_recovery_failed
         self._rng = rng or random.Random()
+        self._local_ms: Callable[[], float] = now_ms if clock is None else clock
         self._session = session
         self._own_session = session is None
         self.stats = ClientStats()
@@ -427,13 +435,25 @@ class Client:
 
     @property
     def rtt(self) -> float | None:
-        """Round-trip time of the latest ping (ms), server processing excluded."""
+        """Round-trip time (ms, server processing excluded) of the min-delay sample of the
+        last ``clock_samples`` pings: the one :attr:`clock_offset` comes from. Queueing
+        only ever adds delay, so this is the path's own RTT without one-off spikes; what
+        SyncPlay's lead (2 x the worst member's RTT) should be built on."""
+        return self.clock.delay
+
+    @property
+    def rtt_latest(self) -> float | None:
+        """Round-trip time of the latest ping (ms), jitter included."""
         latest = self.clock.latest
         return None if latest is None else latest.delay
 
+    def local_time(self) -> float:
+        """The local clock (ms since the Unix epoch): the ``clock`` given, or the system's."""
+        return self._local_ms()
+
     def server_time(self) -> float:
         """The server's clock now (ms since the Unix epoch), as estimated."""
-        return now_ms() + (self.clock_offset or 0.0)
+        return self._local_ms() + (self.clock_offset or 0.0)
 
     def positions(self) -> dict[str, StreamPosition]:
         """Each channel's last delivered position (persist it to resume with
@@ -651,7 +671,7 @@ class Client:
 
     async def _ping(self, timeout: float) -> ClockSample | None:
         result: list[ClockSample | None] = [None]
-        t0 = now_ms()
+        t0 = self._local_ms()
 
         def on_pong(msg: Message, t3: float) -> None:
             data = msg.get("data") or {}
@@ -863,7 +883,7 @@ class Client:
             if ws is not None:
                 await self._close_ws(ws)
             raise
-        t3 = now_ms()
+        t3 = self._local_ms()
         if self._closing:
             await self._close_ws(ws)
             return _Disconnect(reason="client closed")
@@ -938,7 +958,7 @@ class Client:
                 return _Disconnect(reason=f"watchdog: nothing received for {self._watchdog:g}s")
             kind = msg.type
             if kind is aiohttp.WSMsgType.TEXT:
-                self._on_frame(msg.data, now_ms())
+                self._on_frame(msg.data, self._local_ms())
             elif kind is aiohttp.WSMsgType.CLOSE:
                 return self._closed_by_server(int(msg.data), str(msg.extra or ""))
             elif kind in (

@@ -6,7 +6,11 @@ meaning "at server time ``when`` be at ``position`` in that play state, then adv
 turns those into calls on a :class:`Player`. It is pure logic: it reads the estimated server
 clock from the ``server_time`` callable (or an explicit ``now``) and acts only when
 :meth:`SyncController.tick` (or one of the ``on_*`` methods) is called; call ``tick`` a few
-times a second.
+times a second. :class:`SyncPlayDriver` is its I/O side over a
+:class:`~revenge_ws.client.Client`: it feeds the controller the room's messages, ticks it,
+starts playback exactly at a command's ``when``, and sends ``syncplay.report`` every 5 s
+(the room's presence heartbeat and drift check: a member that sends none is marked away
+after 30 s and removed after 120 s, even with its connection open).
 
 Correction policy (with hysteresis, so the player never oscillates):
 
@@ -19,16 +23,28 @@ Correction policy (with hysteresis, so the player never oscillates):
 - off by ``seek_threshold_s`` (3 s) or more: seek. Seeks are spaced by a cooldown that doubles
   while a player keeps missing (keyframe snapping), so an imprecise player cannot seek-loop.
 
-Only the standard library and the contract's shared modules are used here.
+Only the standard library and the contract's shared modules are used here (the
+:class:`~revenge_ws.client.Client` is only named in type hints).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-__all__ = ["Action", "Player", "SyncConfig", "SyncController", "Timeline"]
+from ..codes import ErrorCode
+from ..exceptions import ConnectionClosed, RequestError, RequestTimeout
+
+if TYPE_CHECKING:
+    from . import Client
+
+__all__ = ["Action", "Player", "SyncConfig", "SyncController", "SyncPlayDriver", "Timeline"]
+
+log = logging.getLogger("revenge_ws.client.syncplay")
 
 
 class Player(Protocol):
@@ -282,3 +298,403 @@ class SyncController:
         self.player.set_rate(rate)
         self.rate_changes += 1
         actions.append(Action("rate", rate))
+
+
+#: ``on_event(type, data)``: every ``syncplay.*`` message of the driven room, after the
+#: driver applied it (for the UI: members, chat, room changes, the end).
+EventCallback = Callable[[str, dict[str, Any]], None]
+
+#: A ``when`` further away than this (ms) is left to the periodic tick.
+_MAX_WHEN_AHEAD_MS = 60_000.0
+
+
+class SyncPlayDriver:
+    """Keep a :class:`Player` in a SyncPlay room over a :class:`~revenge_ws.client.Client`.
+
+    ::
+
+        async with Client(url, token=token) as client:
+            driver = SyncPlayDriver(client, player)
+            await driver.join(room_id)
+            await driver.ready()           # when the player can play the content
+            ...
+            await driver.leave()           # or: await driver.stop() (stays a member)
+
+    After :meth:`create`, :meth:`join` or :meth:`follow` it:
+
+    - applies ``syncplay.command``, ``syncplay.state`` and ``syncplay.sync`` of the room to
+      its :class:`SyncController` (``self.controller``), ticks it every ``tick_interval``
+      seconds, and ticks it exactly when a scheduled ``when`` arrives (sleep until
+      ``spin_ms`` before, then yield to the event loop until the estimated server clock
+      reaches it), so members start together rather than up to a tick apart;
+    - sends ``syncplay.report`` every ``report_interval`` seconds (5) with the player's
+      position and the client's RTT (:attr:`Client.rtt`, min-delay). Reports are the
+      member's presence heartbeat and what the hub's drift check judges: without them the
+      member is marked away after 30 s and removed after 120 s, and no ``syncplay.sync``
+      hint ever comes;
+    - after the client reconnects, joins again with the new connection (a report from a
+      new connection is refused until it does);
+    - stops by itself when the room ends or refuses it for good (``NOT_FOUND``,
+      ``FORBIDDEN``): :attr:`ended` holds the reason.
+
+    Every request it sends is bounded by ``request_timeout`` (the client's default when
+    None); :meth:`stop` cancels its tasks and waits for them at most ``stop_timeout``.
+    It never sends ``syncplay.ready``/``buffering`` by itself: only the application knows
+    when its player can play (:meth:`ready`, :meth:`buffering`).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        player: Player,
+        *,
+        config: SyncConfig | None = None,
+        tick_interval: float = 0.25,
+        report_interval: float = 5.0,
+        request_timeout: float | None = None,
+        spin_ms: float = 2.0,
+        stop_timeout: float = 2.0,
+        on_event: EventCallback | None = None,
+    ) -> None:
+        if tick_interval <= 0 or report_interval <= 0:
+            raise ValueError("tick_interval and report_interval must be > 0")
+        self.client = client
+        self.player = player
+        self.controller = SyncController(player, client.server_time, config)
+        self.tick_interval = tick_interval
+        self.report_interval = report_interval
+        self.request_timeout = request_timeout
+        self.spin_ms = spin_ms
+        self.stop_timeout = stop_timeout
+        self.on_event = on_event
+        #: The room object of the last ack or ``syncplay.room_updated`` (None: not in one).
+        self.room: dict[str, Any] | None = None
+        #: The last ``syncplay.state`` payload.
+        self.state: dict[str, Any] | None = None
+        #: Members by user id, as announced.
+        self.members: dict[str, dict[str, Any]] = {}
+        self.is_buffering = False
+        #: Why the driver stopped by itself (``syncplay.ended`` reason, ``not_found``,
+        #: ``forbidden``); None while it runs or after :meth:`stop`.
+        self.ended: str | None = None
+        #: The ack data of the last report (``in_sync``, ``offset_seconds``).
+        self.last_report: dict[str, Any] | None = None
+        self.reports_sent = 0
+        self.report_errors = 0
+        self._password: str | None = None
+        self._offs: list[Callable[[], None]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._when_task: asyncio.Task[None] | None = None
+        self._rejoining = False
+        self._ended_event = asyncio.Event()
+
+    # -- room membership
+
+    @property
+    def room_id(self) -> str | None:
+        rid = None if self.room is None else self.room.get("room_id")
+        return rid if isinstance(rid, str) else None
+
+    async def create(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        """``syncplay.create``; the creator is in the room and driven. Returns the ack data."""
+        ack = await self.client.request("syncplay.create", dict(data), self.request_timeout)
+        self._password = None
+        self.follow(ack)
+        return ack
+
+    async def join(
+        self,
+        room_id: str | None = None,
+        *,
+        password: str | None = None,
+        invite_code: str | None = None,
+    ) -> dict[str, Any]:
+        """``syncplay.join`` by id (with ``password``) or invitation code, with the RTT."""
+        data: dict[str, Any] = {}
+        if room_id is not None:
+            data["room_id"] = room_id
+        if password is not None:
+            data["password"] = password
+        if invite_code is not None:
+            data["invite_code"] = invite_code
+        rtt = self.client.rtt
+        if rtt is not None:
+            data["rtt_ms"] = round(rtt, 1)
+        ack = await self.client.request("syncplay.join", data, self.request_timeout)
+        self._password = password
+        self.follow(ack)
+        return ack
+
+    def follow(self, ack: Mapping[str, Any]) -> None:
+        """Drive the room of a create/join ack obtained otherwise (e.g. the direct
+        ``syncplay.joined`` of the playback endpoint)."""
+        room = ack.get("room")
+        if isinstance(room, Mapping):
+            self.room = dict(room)
+        if self.room_id is None:
+            raise ValueError("the ack names no room")
+        members = ack.get("members")
+        if isinstance(members, list):
+            self.members = {
+                str(m["user_id"]): dict(m)
+                for m in members
+                if isinstance(m, Mapping) and "user_id" in m
+            }
+        self.ended = None
+        self._ended_event.clear()
+        if not self._offs:
+            self._attach()
+        state = ack.get("state")
+        if isinstance(state, Mapping):
+            self._on_state(state)
+
+    async def leave(self) -> None:
+        """Leave the room (``syncplay.leave``) and stop driving the player."""
+        rid = self.room_id
+        await self.stop()
+        if rid is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await self.client.request("syncplay.leave", {"room_id": rid}, self.request_timeout)
+
+    async def stop(self) -> None:
+        """Stop driving the player (the hub still counts the member until it leaves or
+        times out). Idempotent."""
+        self._halt(None)
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.stop_timeout)
+
+    async def wait_ended(self, timeout: float | None = None) -> str | None:
+        """Wait until the driver stopped by itself; returns :attr:`ended`.
+        ``TimeoutError`` after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            await self._ended_event.wait()
+        return self.ended
+
+    async def __aenter__(self) -> SyncPlayDriver:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- requests on behalf of the member
+
+    async def ready(self, position: float | None = None) -> dict[str, Any]:
+        """``syncplay.ready``: the player can play (after loading, seeking, rebuffering)."""
+        self.is_buffering = False
+        return await self._room_request("syncplay.ready", self._position(position))
+
+    async def buffering(self, position: float | None = None) -> dict[str, Any]:
+        """``syncplay.buffering``: the player stalled (while playing: the room waits)."""
+        self.is_buffering = True
+        return await self._room_request("syncplay.buffering", self._position(position))
+
+    async def play(self) -> dict[str, Any]:
+        return await self._control("syncplay.play", {})
+
+    async def pause(self, position: float | None = None) -> dict[str, Any]:
+        extra = {} if position is None else {"position": round(position, 3)}
+        return await self._control("syncplay.pause", extra)
+
+    async def seek(self, position: float) -> dict[str, Any]:
+        return await self._control("syncplay.seek", {"position": round(max(0.0, position), 3)})
+
+    async def report(self) -> dict[str, Any] | None:
+        """Send one ``syncplay.report`` now; returns its ack data, or None when it could
+        not be sent or was refused (counted in ``report_errors``)."""
+        rid = self.room_id
+        if rid is None or not self.client.connected:
+            return None
+        rtt = self.client.rtt
+        data = self.controller.report(
+            None if rtt is None else round(rtt, 1), is_buffering=self.is_buffering
+        )
+        data["room_id"] = rid
+        try:
+            reply = await self.client.request("syncplay.report", data, self.request_timeout)
+        except RequestError as exc:
+            self.report_errors += 1
+            if exc.code in (ErrorCode.NOT_FOUND, ErrorCode.FORBIDDEN) and self.room_id == rid:
+                self._halt(exc.code.value.lower())
+            else:
+                log.debug("syncplay.report refused: %s", exc)
+            return None
+        except (RequestTimeout, ConnectionClosed) as exc:
+            self.report_errors += 1
+            log.debug("syncplay.report not sent: %s", exc)
+            return None
+        self.reports_sent += 1
+        self.last_report = reply
+        return reply
+
+    # -- internals
+
+    def _position(self, position: float | None) -> dict[str, Any]:
+        pos = self.player.position() if position is None else position
+        return {"position": round(max(0.0, pos), 3)}
+
+    async def _room_request(self, mtype: str, data: dict[str, Any]) -> dict[str, Any]:
+        rid = self.room_id
+        if rid is None:
+            raise RequestError(ErrorCode.NOT_FOUND, "not in a room")
+        return await self.client.request(mtype, {"room_id": rid, **data}, self.request_timeout)
+
+    async def _control(self, mtype: str, data: dict[str, Any]) -> dict[str, Any]:
+        if self.controller.command_seq >= 0:
+            data["command_seq"] = self.controller.command_seq
+        return await self._room_request(mtype, data)
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"syncplay-driver-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _attach(self) -> None:
+        on = self.client.on
+        for mtype in (
+            "syncplay.command",
+            "syncplay.state",
+            "syncplay.sync",
+            "syncplay.member_joined",
+            "syncplay.member_updated",
+            "syncplay.member_left",
+            "syncplay.room_updated",
+            "syncplay.wait_timeout",
+            "syncplay.chat",
+            "syncplay.ended",
+        ):
+            self._offs.append(on(mtype, self._on_message))
+        self._offs.append(on("client.connected", self._on_connected))
+        self._spawn(self._ticker(), "tick")
+        self._spawn(self._reporter(), "report")
+
+    def _halt(self, reason: str | None) -> None:
+        """Stop at once (callable from a message handler); :meth:`stop` awaits the tasks."""
+        for off in self._offs:
+            off()
+        self._offs.clear()
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        self._when_task = None
+        self.room = None
+        self.state = None
+        self.members = {}
+        self.is_buffering = False
+        if reason is not None:
+            self.ended = reason
+            self._ended_event.set()
+
+    def _mine(self, msg: Mapping[str, Any]) -> bool:
+        rid = self.room_id
+        if rid is None:
+            return False
+        data = msg.get("data")
+        return msg.get("channel") == f"playback:{rid}" or (
+            isinstance(data, Mapping) and data.get("room_id") == rid
+        )
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        if not self._mine(msg):
+            return
+        mtype = str(msg.get("type"))
+        data = msg.get("data")
+        data = data if isinstance(data, dict) else {}
+        if mtype == "syncplay.command":
+            self.controller.on_command(data)
+            self._schedule_when(data.get("when"))
+        elif mtype == "syncplay.state":
+            self._on_state(data)
+        elif mtype == "syncplay.sync":
+            self.controller.on_sync(data)
+        elif mtype in ("syncplay.member_joined", "syncplay.member_updated"):
+            uid = data.get("user_id")
+            if isinstance(uid, str):
+                self.members[uid] = {**self.members.get(uid, {}), **data}
+        elif mtype == "syncplay.member_left":
+            self.members.pop(str(data.get("user_id")), None)
+        elif mtype == "syncplay.room_updated":
+            room = data.get("room")
+            if isinstance(room, Mapping) and self.room is not None:
+                self.room.update(room)
+        if self.on_event is not None:
+            try:
+                self.on_event(mtype, data)
+            except Exception:
+                log.exception("on_event failed")
+        if mtype == "syncplay.ended":
+            self._halt(str(data.get("reason") or "ended"))
+
+    def _on_state(self, state: Mapping[str, Any]) -> None:
+        self.state = dict(state)
+        self.controller.on_state(state)
+        self._schedule_when(state.get("when") if state.get("state") == "playing" else None)
+
+    def _schedule_when(self, when: object) -> None:
+        if not isinstance(when, int | float) or isinstance(when, bool):
+            return
+        ahead = float(when) - self.client.server_time()
+        if ahead <= 0 or ahead > _MAX_WHEN_AHEAD_MS:
+            return
+        if self._when_task is not None:
+            self._when_task.cancel()
+        self._when_task = self._spawn(self._at_when(float(when)), "when")
+
+    async def _at_when(self, when: float) -> None:
+        """Tick when the estimated server clock reaches ``when``: an asyncio sleep wakes
+        up to a few ms late, so sleep until ``spin_ms`` before, then yield until it."""
+        server_time = self.client.server_time
+        remaining = when - server_time()
+        if remaining > self.spin_ms:
+            await asyncio.sleep((remaining - self.spin_ms) / 1000.0)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + (self.spin_ms + 50.0) / 1000.0
+        # Polling the clock is the point: no event fires when a clock reaches a value.
+        while server_time() < when and loop.time() < give_up:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+        self._tick()
+
+    def _tick(self) -> None:
+        try:
+            self.controller.tick()
+        except Exception:
+            log.exception("the player failed")
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_interval)
+            self._tick()
+
+    async def _reporter(self) -> None:
+        while True:
+            await asyncio.sleep(self.report_interval)
+            await self.report()
+
+    async def _on_connected(self, _event: dict[str, Any]) -> None:
+        """A new connection: take the member's seat back with it, adopt the state."""
+        rid = self.room_id
+        if rid is None or self._rejoining:
+            return
+        self._rejoining = True
+        try:
+            data: dict[str, Any] = {"room_id": rid}
+            if self._password is not None:
+                data["password"] = self._password
+            rtt = self.client.rtt
+            if rtt is not None:
+                data["rtt_ms"] = round(rtt, 1)
+            ack = await self.client.request("syncplay.join", data, self.request_timeout)
+        except RequestError as exc:
+            if exc.code in (ErrorCode.NOT_FOUND, ErrorCode.FORBIDDEN) and self.room_id == rid:
+                self._halt(exc.code.value.lower())
+            else:
+                log.warning("rejoining %s failed: %s", rid, exc)
+            return
+        except (RequestTimeout, ConnectionClosed) as exc:
+            log.warning("rejoining %s failed: %s", rid, exc)
+            return
+        finally:
+            self._rejoining = False
+        if self.room_id == rid:
+            self.follow(ack)
