@@ -30,6 +30,7 @@ links; <= 0.5 x (max - min of ``up - down``) + 20 ms on asymmetric ones.
     python bench/syncplay_skew.py              # 20 members, symmetric + asymmetric, 3 rounds
     python bench/syncplay_skew.py --repeat 3 --json /tmp/skew.json
     python bench/syncplay_skew.py --quick      # 4 members, 1 round (the smoke test)
+    python bench/syncplay_skew.py --jitter 20  # links with up to 20 ms of queueing noise
 """
 
 from __future__ import annotations
@@ -168,8 +169,15 @@ async def proxy_worker(max_lifetime: float) -> None:
     spec = json.loads(await loop.run_in_executor(None, sys.stdin.readline))
     proxies: list[FaultProxy] = []
     try:
-        for up, down in spec["links"]:
-            proxy = FaultProxy(int(spec["target"]), up_delay=up / 1000.0, down_delay=down / 1000.0)
+        jitter = float(spec.get("jitter_ms", 0.0)) / 1000.0
+        for i, (up, down) in enumerate(spec["links"]):
+            proxy = FaultProxy(
+                int(spec["target"]),
+                up_delay=up / 1000.0,
+                down_delay=down / 1000.0,
+                jitter=jitter,
+                seed=int(spec.get("seed", 0)) * 1000 + i,
+            )
             proxies.append(await proxy.start())
         print(json.dumps({"ports": [p.port for p in proxies]}), flush=True)
         with contextlib.suppress(TimeoutError):
@@ -186,7 +194,14 @@ class ProxyProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.ports: list[int] = []
 
-    async def start(self, target: int, links: list[Link], max_lifetime: float) -> list[int]:
+    async def start(
+        self,
+        target: int,
+        links: list[Link],
+        max_lifetime: float,
+        jitter_ms: float = 0.0,
+        seed: int = 0,
+    ) -> list[int]:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(
             os.pathsep
@@ -203,7 +218,12 @@ class ProxyProcess:
         )
         assert self.proc.stdin is not None
         assert self.proc.stdout is not None
-        spec = {"target": target, "links": [[lk.up, lk.down] for lk in links]}
+        spec = {
+            "target": target,
+            "links": [[lk.up, lk.down] for lk in links],
+            "jitter_ms": jitter_ms,
+            "seed": seed,
+        }
         self.proc.stdin.write((json.dumps(spec) + "\n").encode())
         await self.proc.stdin.drain()
         line = await asyncio.wait_for(self.proc.stdout.readline(), 20)
@@ -470,6 +490,8 @@ async def run_scenario(
     pings: int,
     log: Any,
     tag: str = "",
+    jitter_ms: float = 0.0,
+    seed: int = 0,
 ) -> dict[str, Any]:
     settings = make_settings()
     asymmetric = any(abs(lk.asym) > 0.05 for lk in links)
@@ -484,7 +506,9 @@ async def run_scenario(
     commands: list[dict[str, Any]] = []
     errors: list[str] = []
     try:
-        ports = await proxies.start(hub.port, links, max_lifetime=900)
+        ports = await proxies.start(
+            hub.port, links, max_lifetime=900, jitter_ms=jitter_ms, seed=seed
+        )
         for i, (link, skew, port) in enumerate(zip(links, skews, ports, strict=True)):
             user = f"{name}{tag}-m{i:02d}"
             m = Member(
@@ -662,6 +686,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "members": args.members,
             "rtt_ms": [args.rtt_min, args.rtt_max],
             "skew_ms": args.skew,
+            "jitter_ms": args.jitter,
             "rounds": args.rounds,
             "pings": args.pings,
             "seed": args.seed,
@@ -694,6 +719,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                 pings=args.pings,
                                 log=log,
                                 tag=f"{rep}{attempt}",
+                                jitter_ms=args.jitter,
+                                seed=args.seed + rep * 10 + attempt,
                             ),
                             args.scenario_timeout,
                         )
@@ -727,7 +754,11 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render(results: dict[str, Any]) -> str:
-    lines = [
+    jitter = results["meta"].get("jitter_ms") or 0.0
+    lines = (
+        [f"Links with up to {jitter:g} ms of random extra delay per chunk.", ""] if jitter else []
+    )
+    lines += [
         "| scenario | runs (noisy) | members | RTT ms | NTP floor ms | bound ms | worst start "
         "spread ms (clean runs) | latest arrival vs when ms | every command before when | "
         "spread goal |",
@@ -799,6 +830,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rtt-min", type=float, default=20.0)
     ap.add_argument("--rtt-max", type=float, default=300.0)
     ap.add_argument("--skew", type=float, default=8000.0, help="clock skews drawn in +-SKEW ms")
+    ap.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        help="random extra delay per chunk on every link, uniform in 0..JITTER ms (order kept)",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="seek/pause/unpause rounds")
     ap.add_argument("--pings", type=int, default=8, help="extra NTP pings after connecting")
     ap.add_argument("--repeat", type=int, default=1)
@@ -830,6 +867,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--repeat 1..20, --rounds 0..20, --pings 0..50")
     if not 0 <= args.retry_noisy <= 5:
         ap.error("--retry-noisy 0..5")
+    if not 0 <= args.jitter <= 1000:
+        ap.error("--jitter 0..1000 (ms)")
     return args
 
 

@@ -4,6 +4,9 @@ It forwards bytes between clients and one target and can, at any moment:
 
 - delay each direction separately (``up`` = client → server, ``down`` = server → client),
   like a network path with asymmetric latency; order is always kept;
+- add ``jitter``: a random extra delay, uniform in ``[0, jitter]`` and drawn per chunk read
+  (seeded), like queueing on a real path. Order is still kept: a chunk never overtakes an
+  earlier one, it waits behind it (head-of-line blocking, as within one TCP stream);
 - ``pause()`` forwarding on every link (a silent server / a black hole) and ``resume()``;
 - ``cut()`` every open link (both sockets reset), and ``refuse()`` new connections
   (accepted, then reset at once) until ``accept()``.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,12 +52,21 @@ class FaultProxy:
         *,
         up_delay: float = 0.0,
         down_delay: float = 0.0,
+        jitter: float = 0.0,
+        seed: int | None = None,
         max_links: int = 64,
         max_chunks: int = 1024,
     ) -> None:
+        if jitter < 0:
+            raise ValueError("jitter must be >= 0")
         self.target = (target_host, target_port)
         self.up_delay = up_delay
         self.down_delay = down_delay
+        self.jitter = jitter
+        self._rng = random.Random(seed)
+        #: Chunks that got a non-zero extra delay, and the largest one (s).
+        self.jittered = 0
+        self.max_jitter_seen = 0.0
         self.max_links = max_links
         self.max_chunks = max_chunks
         self.accepted = 0
@@ -110,6 +123,21 @@ class FaultProxy:
     def set_delays(self, up: float, down: float) -> None:
         """One-way delays (s) for bytes read from now on."""
         self.up_delay, self.down_delay = up, down
+
+    def set_jitter(self, jitter: float) -> None:
+        """Largest random extra delay (s) per chunk read from now on (0: none)."""
+        if jitter < 0:
+            raise ValueError("jitter must be >= 0")
+        self.jitter = jitter
+
+    def _extra(self) -> float:
+        if self.jitter <= 0:
+            return 0.0
+        extra = self._rng.uniform(0.0, self.jitter)
+        if extra > 0:
+            self.jittered += 1
+            self.max_jitter_seen = max(self.max_jitter_seen, extra)
+        return extra
 
     def pause(self) -> None:
         """Stop forwarding on every link (bytes are held, bounded, until resume)."""
@@ -178,7 +206,8 @@ class FaultProxy:
                     data = await src.read(_CHUNK)
                 except (ConnectionError, OSError):
                     data = b""
-                await queue.put((loop.time() + float(delay()), data))
+                # FIFO: a chunk due before an earlier, more delayed one waits for it.
+                await queue.put((loop.time() + float(delay()) + self._extra(), data))
                 if not data:
                     return
 

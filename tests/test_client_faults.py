@@ -203,3 +203,22 @@ async def test_close_while_reconnecting_is_prompt(hub: Hub) -> None:
         # Leaving the block interrupted the 10 s backoff.
         assert c.state == "closed"
         assert await c.wait_closed(1) is None
+
+
+async def test_jittered_links_keep_order_and_the_rtt_is_the_least_delayed_ping(hub: Hub) -> None:
+    """Random extra delay per chunk (queueing noise): publications still arrive in order and
+    exactly once, and the client's rtt is its least delayed ping's."""
+    proxy = FaultProxy(hub.port, up_delay=0.01, down_delay=0.01, jitter=0.03, seed=1)
+    async with proxy, Client(proxy.ws_url, token=hub.token("alice"), initial_pings=0) as c:
+        await c.wait_connected(10)
+        got = collect(c, "test.item")
+        await c.subscribe("library:j")
+        for i in range(100):
+            await hub.publish("library:j", "test.item", {"i": i})
+        await until(lambda: len(got) == 100, what="100 publications")
+        assert [m["data"]["i"] for m in got] == list(range(100))
+        assert c.stats.duplicates == 0 and c.stats.gaps == 0
+        for _ in range(8):
+            await c.ping(timeout=5)
+        assert c.rtt == min(s.delay for s in c.clock.samples)
+        assert 0 < proxy.max_jitter_seen <= 0.03 and proxy.jittered > 0
