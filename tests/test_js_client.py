@@ -150,6 +150,7 @@ def test_the_js_client_shares_the_python_clients_numbers() -> None:
         "restartWindow": policy.restart_window,
         "rateLimitWait": policy.rate_limit_wait,
         "maxWindow": policy.max_window,
+        "rateLimitSpread": policy.rate_limit_spread,
     }
     assert got["policy"] == camel
     sync = SyncConfig()
@@ -163,6 +164,8 @@ def test_the_js_client_shares_the_python_clients_numbers() -> None:
     opts = got["options"]
     assert (opts["requestTimeout"], opts["connectTimeout"], opts["stableAfter"]) == (5, 10, 5)
     assert (opts["refreshMargin"], opts["initialPings"], opts["clockSamples"]) == (60, 3, 8)
+    assert opts["rateLimitWait"] == policy.rate_limit_wait
+    assert opts["rateLimitSpread"] == policy.rate_limit_spread
 
 
 # -- the pages -------------------------------------------------------------------------

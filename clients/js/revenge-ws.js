@@ -11,8 +11,9 @@
  *
  * - reconnects after a network loss and after reconnect-class close codes with full-jitter
  *   exponential backoff (0.5 s -> 20 s); after 1001/1012 the first attempt is spread over a
- *   5 s window (or what the server advises); 4004 waits at least 5 s; terminal codes (1008,
- *   1009, 4501, 4503, 4500-4999) never reconnect;
+ *   5 s window (or what the server advises); 4004 and 429 wait 5 s (or a longer
+ *   Retry-After) plus a uniform spread over 5 s more; terminal codes (1008, 1009, 4501,
+ *   4503, 4500-4999) never reconnect;
  * - re-subscribes every channel with `since` after a reconnect and drops duplicates by
  *   (channel, seq), notifications by `data.id`; `recovered: false` and `subscription.reset`
  *   emit `client.recovery_failed` (reload that state over REST);
@@ -150,6 +151,7 @@ export const DEFAULT_POLICY = Object.freeze({
   restartWindow: 5.0,
   rateLimitWait: 5.0,
   maxWindow: 300.0,
+  rateLimitSpread: 5.0,
 });
 
 /**
@@ -189,7 +191,7 @@ export function advisedWindow(reason, maximum = 300.0) {
 
 /**
  * Seconds to wait before the next attempt (same rules as the Python client).
- * @param {{backoffMin: number, backoffMax: number, restartWindow: number, rateLimitWait: number, maxWindow: number}} policy
+ * @param {{backoffMin: number, backoffMax: number, restartWindow: number, rateLimitWait: number, maxWindow: number, rateLimitSpread: number}} policy
  * @param {number} attempt failed attempts since the last stable connection
  * @param {() => number} rng
  * @param {{code?: number | null, httpStatus?: number | null, retryAfter?: number | null, window?: number | null}} [info]
@@ -201,8 +203,11 @@ export function reconnectDelay(policy, attempt, rng = Math.random, info = {}) {
   const spread =
     window == null ? policy.restartWindow : Math.min(Math.max(window, 0), policy.maxWindow);
   if (code === 4004 || httpStatus === 429) {
+    // Spread, not a fixed wait: clients refused together would otherwise come back together.
     const floor = Math.max(policy.rateLimitWait, retryAfter || 0);
-    return floor + backoffDelay(attempt, rng, lo, hi);
+    let delay = restartDelay(policy.rateLimitSpread, rng);
+    if (attempt > 0) delay = Math.max(delay, backoffDelay(attempt, rng, lo, hi));
+    return floor + delay;
   }
   if (retryAfter != null && retryAfter > 0) {
     return Math.max(backoffDelay(attempt, rng, lo, hi), retryAfter + restartDelay(spread, rng));
@@ -701,6 +706,7 @@ export const DEFAULT_OPTIONS = Object.freeze({
   restartWindow: 5.0,
   rateLimitWait: 5.0,
   maxWindow: 300.0,
+  rateLimitSpread: 5.0,
   stableAfter: 5.0,
   refreshMargin: 60.0,
   initialPings: 3,
@@ -738,6 +744,7 @@ export class RevengeClient extends Emitter {
       restartWindow: o.restartWindow,
       rateLimitWait: o.rateLimitWait,
       maxWindow: o.maxWindow,
+      rateLimitSpread: o.rateLimitSpread,
     };
     if (!(0 < this.policy.backoffMin && this.policy.backoffMin <= this.policy.backoffMax)) {
       throw new RangeError("need 0 < backoffMin <= backoffMax");

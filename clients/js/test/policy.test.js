@@ -61,6 +61,27 @@ test("4004 and HTTP 429 wait at least 5 s; Retry-After is honoured", () => {
   }
 });
 
+test("4004 and 429 waits are spread over 5 s beyond the floor, not fixed", () => {
+  // 1,000 clients refused at the same moment: none back before the floor, no second
+  // gets more than 30% of them (before: all within 5.5-6.0 s).
+  const rng = seeded(4);
+  for (const info of [{ code: 4004 }, { httpStatus: 429 }, { httpStatus: 429, retryAfter: 8 }]) {
+    const floor = Math.max(5, info.retryAfter ?? 0);
+    const ds = Array.from({ length: 1000 }, () => reconnectDelay(DEFAULT_POLICY, 0, rng, info));
+    assert.ok(ds.every((d) => d >= floor && d <= floor + DEFAULT_POLICY.rateLimitSpread));
+    assert.ok(Math.max(...ds) - Math.min(...ds) > 4.5, "uses the whole spread");
+    const perSecond = new Map();
+    for (const d of ds) perSecond.set(Math.floor(d), (perSecond.get(Math.floor(d)) ?? 0) + 1);
+    assert.ok(Math.max(...perSecond.values()) <= 300, JSON.stringify([...perSecond]));
+  }
+  // Later attempts still back off beyond the spread.
+  const late = Array.from({ length: 1000 }, () => reconnectDelay(DEFAULT_POLICY, 8, rng, { code: 4004 }));
+  assert.ok(Math.min(...late) >= 5.5 && Math.max(...late) > 15);
+  // The same draws as the Python client: floor + U(0, spread) at attempt 0.
+  assert.equal(reconnectDelay(DEFAULT_POLICY, 0, () => 0.5, { code: 4004 }), 7.5);
+  assert.equal(reconnectDelay({ ...DEFAULT_POLICY, rateLimitSpread: 0 }, 0, rng, { code: 4004 }), 5);
+});
+
 test("advised windows are parsed from close reasons", () => {
   assert.equal(advisedWindow("restart; window=10"), 10);
   assert.equal(advisedWindow("restart window=2500ms"), 2.5);

@@ -10,7 +10,10 @@ Rules (contract §4; numbers from Centrifugo, see ``docs/client.md``):
 - 1001 going away / 1012 service restart: the first attempt is spread uniformly over
   the restart window (5 s by default, or what the server advises), so a fleet of
   clients does not come back in the same second;
-- 4004 rate limited / HTTP 429: wait at least ``rate_limit_wait`` (5 s) plus backoff;
+- 4004 rate limited / HTTP 429: wait ``rate_limit_wait`` (5 s, or a longer
+  ``Retry-After``), plus a uniform spread over ``rate_limit_spread`` (5 s): clients
+  refused together (a faulty release flooding, a burst every client answers) would come
+  back together after a fixed wait; later attempts wait at least the backoff;
 - HTTP 503 with ``Retry-After``: that long plus a uniform spread over the window.
 """
 
@@ -49,11 +52,17 @@ class ReconnectPolicy:
     rate_limit_wait: float = 5.0
     #: An advised window (close reason, welcome) is clamped to this.
     max_window: float = 300.0
+    #: After 4004 / 429 the next attempt is spread uniformly over this many seconds
+    #: beyond ``rate_limit_wait``.
+    rate_limit_spread: float = 5.0
 
     def __post_init__(self) -> None:
         if not 0 < self.backoff_min <= self.backoff_max:
             raise ValueError("need 0 < backoff_min <= backoff_max")
-        if self.restart_window < 0 or self.rate_limit_wait < 0 or self.max_window < 0:
+        if (
+            min(self.restart_window, self.rate_limit_wait, self.rate_limit_spread, self.max_window)
+            < 0
+        ):
             raise ValueError("windows and waits must not be negative")
 
 
@@ -112,7 +121,10 @@ def reconnect_delay(
     spread = policy.restart_window if window is None else min(max(window, 0.0), policy.max_window)
     if code == 4004 or http_status == 429:
         floor = max(policy.rate_limit_wait, retry_after or 0.0)
-        return floor + backoff_delay(attempt, rng, lo, hi)
+        delay = restart_delay(policy.rate_limit_spread, rng)
+        if attempt > 0:
+            delay = max(delay, backoff_delay(attempt, rng, lo, hi))
+        return floor + delay
     if retry_after is not None and retry_after > 0:
         return max(backoff_delay(attempt, rng, lo, hi), retry_after + restart_delay(spread, rng))
     if code in RESTART_CODES:

@@ -79,6 +79,8 @@ export interface ReconnectPolicy {
   restartWindow: number;
   rateLimitWait: number;
   maxWindow: number;
+  /** After 4004 / 429, the attempt is spread uniformly over this many seconds beyond rateLimitWait. */
+  rateLimitSpread: number;
 }
 export declare const DEFAULT_POLICY: Readonly<ReconnectPolicy>;
 export declare function backoffDelay(
@@ -265,6 +267,7 @@ export interface ClientOptions {
   restartWindow?: number;
   rateLimitWait?: number;
   maxWindow?: number;
+  rateLimitSpread?: number;
   stableAfter?: number;
   refreshMargin?: number | null;
   initialPings?: number;
