@@ -42,6 +42,9 @@ class ServerSettings(_Section):
     shutdown_timeout: float = Field(15.0, gt=0, le=300)
     #: Seconds from TCP accept until the WebSocket upgrade must be complete.
     handshake_timeout: float = Field(10.0, gt=0, le=300)
+    #: Seconds an HTTP request body may take to arrive, from when the hub starts reading
+    #: it; a slower one is answered 408 ``INVALID_MESSAGE`` and its connection is closed.
+    body_timeout: float = Field(10.0, gt=0, le=300)
     #: Accepted WebSocket handshakes per second per node (token bucket), and its burst.
     accept_rate: float = Field(1000.0, gt=0)
     accept_burst: int = Field(2000, ge=1)

@@ -27,6 +27,15 @@ class TokenBucket:
             return True
         return False
 
+    def wait(self, now: float, cost: float = 1.0) -> float:
+        """Seconds from ``now`` until ``cost`` tokens are available; spends nothing."""
+        tokens = self._tokens
+        elapsed = now - self._last
+        if elapsed > 0:
+            tokens = min(self.burst, tokens + elapsed * self.rate)
+        missing = cost - tokens
+        return 0.0 if missing <= 0 else missing / self.rate
+
     def retry_after(self, cost: float = 1.0) -> float:
         """Seconds until ``cost`` tokens will be available (as of the last ``take``)."""
         missing = cost - self._tokens

@@ -145,7 +145,17 @@ class Session:
             self._inflight[env.id] = self._inflight.get(env.id, 0) + 1
         return Dispatch(env)
 
-    def _limited(self, msg_id: str | None, now: float) -> Action:
+    def control(self, now: float) -> Reply | Close | None:
+        """Judge one WebSocket ping or pong frame. It proves liveness and spends the
+        inbound budget like a message, so a ping flood ends in 4004 as a message flood
+        does (each ping would otherwise cost a pong, unmetered). None: within budget,
+        answer a ping."""
+        self.last_seen = now
+        if self._bucket.take(now):
+            return None
+        return self._limited(None, now)
+
+    def _limited(self, msg_id: str | None, now: float) -> Reply | Close:
         if now - self._strike_since > 10.0:
             self.strikes = 0
             self._strike_since = now

@@ -26,7 +26,7 @@ from ..core.connection import Connection
 from ..core.node import Node, Request
 from ..exceptions import BrokerUnavailable, ProtocolError, RequestError
 from ..protocol import encode_message, now_ms
-from ..server.http import json_response, user_auth
+from ..server.http import json_response, read_body, user_auth
 from ..syncplay import machine
 from ..syncplay.machine import Actor, Direct, Outcome, Publish, Room, Subscribe, Unsubscribe
 from ..syncplay.store import RoomStore
@@ -260,7 +260,7 @@ class SyncPlay:
                 import orjson
 
                 try:
-                    loaded = orjson.loads(await request.read())
+                    loaded = orjson.loads(await read_body(request))
                 except orjson.JSONDecodeError:
                     raise ProtocolError(
                         ErrorCode.INVALID_JSON, "the body is not valid JSON"

@@ -6,6 +6,8 @@ Every refusal is ``{"error": {"code", "message"}}`` with the status of its code.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,7 +33,15 @@ from ..protocol import StreamPosition, now_ms
 from .errors import error_response
 from .ws import NODE, extract_token
 
-__all__ = ["PublishBody", "backend_auth", "json_body", "routes", "user_auth"]
+__all__ = [
+    "BodyTimeout",
+    "PublishBody",
+    "backend_auth",
+    "json_body",
+    "read_body",
+    "routes",
+    "user_auth",
+]
 
 log = logging.getLogger("revenge_ws.http")
 M = TypeVar("M", bound=BaseModel)
@@ -63,9 +73,29 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
+class BodyTimeout(Exception):
+    """The request body did not arrive within ``server.body_timeout``."""
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole request body, within ``server.body_timeout`` seconds of starting to read.
+
+    Every body is read through here: aiohttp has no body-read timeout of its own, so an
+    authenticated caller trickling its body would otherwise hold the request, and its
+    socket, for as long as it likes. A whole-body deadline rather than an idle timeout,
+    which one byte now and then would keep alive.
+    """
+    timeout = request.app[NODE].settings.server.body_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {timeout:g} s") from None
+
+
 async def json_body(request: web.Request, model: type[M]) -> M:
     """Parse and validate a JSON body; INVALID_JSON / INVALID_MESSAGE / TOO_LARGE."""
-    raw = await request.read()
+    raw = await read_body(request)
     try:
         obj = orjson.loads(raw or b"{}")
     except orjson.JSONDecodeError:
@@ -109,6 +139,8 @@ def backend_auth(request: web.Request) -> str:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except BodyTimeout as exc:
+        return await _answer_and_close(request, exc)
     except ProtocolError as exc:
         return error_response(exc.code, exc.message)
     except (BrokerUnavailable, StoreUnavailable, TimeoutError) as exc:
@@ -128,6 +160,22 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return error_response(ErrorCode.INTERNAL, "internal error")
+
+
+async def _answer_and_close(request: web.Request, exc: BodyTimeout) -> web.Response:
+    """408 ``INVALID_MESSAGE``, then close the connection at once: the rest of the body
+    may never come. Left to itself aiohttp would answer and then keep reading (and
+    discarding) the body for up to 10 s more before closing, which is the hold the
+    deadline is there to end."""
+    resp = error_response(ErrorCode.INVALID_MESSAGE, str(exc))
+    resp.set_status(408)
+    resp.force_close()
+    with contextlib.suppress(ConnectionError):
+        await resp.prepare(request)
+        await resp.write_eof()
+    # The answer is in the transport's buffer, which close() flushes before the FIN.
+    request.protocol.force_close()
+    return resp
 
 
 # -- backend -----------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -19,6 +20,7 @@ from aiohttp import WSMsgType, web
 from ..auth import Claims
 from ..codes import CloseCode, ErrorCode
 from ..core.node import Node
+from ..core.session import Close
 from ..exceptions import AuthError, ProtocolError
 from ..protocol import SUBPROTOCOL, now_ms
 from .errors import error_response
@@ -96,6 +98,10 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     if not origin_allowed(request, settings.allowed_origins):
         node.observer.handshake_refused("FORBIDDEN")
         return error_response(ErrorCode.FORBIDDEN, "origin not allowed")
+    early = _refuse_before_auth(node)
+    if early is not None:
+        node.observer.handshake_refused(ErrorCode.UNAVAILABLE.value)
+        return early
     try:
         claims = node.authenticate(extract_token(request))
     except AuthError as exc:
@@ -127,6 +133,31 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         return await _serve(request, node, claims, session_id, extra, room_id)
     finally:
         await node.release_if_unopened(claims, session_id)
+
+
+def _refuse_before_auth(node: Node) -> web.Response | None:
+    """The node-wide admission checks, made before the token is verified.
+
+    During a handshake storm the accept bucket is empty: every handshake, forged or
+    valid, would cost a token verification only to be refused 503 by :meth:`Node.admit`.
+    This looks at the bucket without spending from it, so only a handshake that is
+    admitted spends a token (as before) and a storm of bad tokens cannot drain the
+    bucket that legitimate clients need. ``admit`` still decides (the bucket may empty
+    while a handshake awaits its checks); the per-user limits need the token's user and
+    stay after it.
+    """
+    # Node has no public view of its accept bucket (node.py is not this module's), and a
+    # second bucket here would count every handshake twice.
+    wait = node._accept.wait(time.monotonic())
+    if wait > 0:
+        return error_response(
+            ErrorCode.UNAVAILABLE, "too many handshakes, retry later", retry_after=max(1.0, wait)
+        )
+    if len(node.hub) >= node.settings.server.max_connections:
+        return error_response(
+            ErrorCode.UNAVAILABLE, "this node is full", retry_after=node.retry_after()
+        )
+    return None
 
 
 async def _check_channel(node: Node, claims: Claims, name: str) -> str:
@@ -171,12 +202,17 @@ async def _serve(
                 pending = node.receive(conn, msg.data, t)
                 if pending is not None:
                     await pending
-            elif kind is WSMsgType.PING:
-                conn.session.touch(node.clock())
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await ws.pong(msg.data)
-            elif kind is WSMsgType.PONG:
-                conn.session.touch(node.clock())
+            elif kind is WSMsgType.PING or kind is WSMsgType.PONG:
+                verdict = conn.session.control(node.clock())
+                if verdict is None:
+                    if kind is WSMsgType.PING:
+                        with contextlib.suppress(ConnectionError, RuntimeError):
+                            await ws.pong(msg.data)
+                elif isinstance(verdict, Close):
+                    conn.close(verdict.code, verdict.reason)
+                else:
+                    # Over budget: no pong, the RATE_LIMITED error a dropped message gets.
+                    conn.send(verdict.payload)
             elif kind is WSMsgType.BINARY:
                 conn.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
             else:
