@@ -138,6 +138,14 @@ class WS:
             return self.backlog.pop(0)
         return await self._read(timeout)
 
+    async def recv_type(self, mtype: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The next message of type ``mtype``; others before it are dropped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = await self.recv(max(0.1, deadline - time.monotonic()))
+            if msg.get("type") == mtype:
+                return msg
+
     async def _read(self, timeout: float) -> dict[str, Any]:
         msg = await self.ws.receive(timeout=timeout)
         if msg.type is not aiohttp.WSMsgType.TEXT:

@@ -7,6 +7,7 @@ The algorithm is pinned by configuration; PyJWT is told to require ``exp`` and `
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 from dataclasses import dataclass
@@ -56,8 +57,22 @@ def _read_key(path: Any) -> str:
         raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
 
 
+#: Verified tokens remembered per process. Clients present the same token on every
+#: reconnect (a restart's reconnect storm presents thousands at once), and PyJWT's
+#: parse + signature check was 9-21 % of a handshake's CPU (docs/performance.md).
+VERIFIED_CACHE_SIZE = 4096
+
+
 class TokenVerifier:
-    """Verifies tokens with the one algorithm the deployment pinned."""
+    """Verifies tokens with the one algorithm the deployment pinned.
+
+    Successful verifications are remembered by the SHA-256 of the token (not the
+    token itself, which stays out of memory dumps), at most
+    :data:`VERIFIED_CACHE_SIZE`, oldest dropped first. A remembered token is still
+    refused once ``exp`` (+ leeway) has passed; ``nbf`` had already passed when it was
+    verified. Only successes are remembered, so a forged token costs a full check every
+    time and cannot evict anything but the oldest entry.
+    """
 
     def __init__(self, settings: JwtSettings) -> None:
         self._settings = settings
@@ -72,6 +87,7 @@ class TokenVerifier:
             "verify_aud": settings.audience is not None,
             "verify_iss": settings.issuer is not None,
         }
+        self._verified: dict[bytes, Claims] = {}
 
     def verify(self, token: str) -> Claims:
         """Return the token's claims or raise :class:`AuthError` (``UNAUTHORIZED``)."""
@@ -79,6 +95,20 @@ class TokenVerifier:
             raise AuthError("missing token")
         if len(token) > self._settings.max_token_bytes:
             raise AuthError("token too large")
+        digest = hashlib.sha256(token.encode()).digest()
+        known = self._verified.get(digest)
+        if known is not None:
+            if time.time() >= known.exp + self._settings.leeway:  # as PyJWT decides
+                del self._verified[digest]
+                raise AuthError("token expired", expired=True)
+            return known
+        claims = self._decode(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            del self._verified[next(iter(self._verified))]
+        self._verified[digest] = claims
+        return claims
+
+    def _decode(self, token: str) -> Claims:
         try:
             payload = jwt.decode(
                 token,

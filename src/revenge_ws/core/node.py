@@ -59,6 +59,8 @@ RECOVERY_CONCURRENCY = 16
 RECOVERY_ATTEMPTS = 5
 #: Revocations are remembered this long (longer than any sane token lifetime).
 REVOCATION_TTL = 30 * 24 * 3600.0
+#: How long a disconnect waits for the connection's connect hooks to finish (s).
+HOOK_WAIT = 10.0
 
 
 @dataclass(slots=True)
@@ -134,6 +136,8 @@ class Node:
         self.started_at = time.time()
         self._admitted: set[str] = set()
         self._admit_counts: dict[str, int] = {}
+        #: Connect hooks still running, by session id.
+        self._connecting: dict[str, asyncio.Task[Any]] = {}
         #: Called with a user's first connection cluster-wide, and after their last.
         self.on_user_online: list[Hook] = []
         #: Run once when the node starts shutting down, before connections are closed.
@@ -348,10 +352,17 @@ class Node:
             session_id,
             extra={"event": "connect", "user_id": claims.sub, "session_id": session_id},
         )
-        hooks = list(self.on_connect)
         if self._admit_counts.pop(session_id, 0) == 1:
-            hooks += self.on_user_online
-        await self._run_hooks(hooks, conn, "connect")
+            # Awaited: one broker publish, and user_online must precede what follows.
+            await self._run_hooks(list(self.on_user_online), conn, "online")
+        if self.on_connect:
+            # In the background: the adapter must start reading at once. Awaiting these
+            # hooks here (store queries per connect, for redelivery) left sockets unread
+            # during connection storms until their heartbeats timed out.
+            hooks = list(self.on_connect)
+            task = self.spawn(self._run_hooks(hooks, conn, "connect"), f"connect-{session_id}")
+            self._connecting[session_id] = task
+            task.add_done_callback(lambda _t: self._connecting.pop(session_id, None))
         return conn
 
     async def _run_hooks(self, hooks: list[Hook], conn: Connection, what: str) -> None:
@@ -388,13 +399,21 @@ class Node:
                 "duration": round(duration, 3),
             },
         )
+        # The user's slot first: a client that closes one connection to open another
+        # must find it free as soon as the socket is gone from this node.
+        remaining = await self.release(conn.claims, conn.session_id)
+        setup = self._connecting.pop(conn.session_id, None)
+        if setup is not None and not setup.done():
+            # Disconnect hooks must follow the connect hooks, never race them.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(setup), HOOK_WAIT)
         await self._run_hooks(list(self.on_disconnect), conn, "disconnect")
         with contextlib.suppress(BrokerUnavailable):
             for ch in emptied:
                 await self.call(self.broker.unsubscribe(ch))
             for ch in channels:
                 await self.call(self.broker.presence.remove(ch, conn.session_id))
-        if await self.release(conn.claims, conn.session_id) == 0:
+        if remaining == 0:
             await self._run_hooks(list(self.on_user_offline), conn, "offline")
 
     def _slow(self, conn: Connection) -> None:
