@@ -194,3 +194,42 @@ async def test_wrong_audience_is_401(hub_with: object) -> None:
 def test_settings_secret_checks() -> None:
     with pytest.raises(ConfigError, match="at least 32 bytes"):
         make_settings({"REVENGE_JWT_SECRET": "short"})
+
+
+def test_verified_tokens_are_remembered_but_still_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token seen before is not parsed again (reconnect storms), yet once its ``exp``
+    (+ leeway) has passed it is refused like any expired token; forged tokens are never
+    remembered, and the memory is bounded."""
+    import revenge_ws.auth as auth_mod
+
+    v = TokenVerifier(S)
+    token = forge({"sub": "alice", "exp": now() + 60})
+    calls = 0
+    real_decode = jwt.decode
+
+    def counting(*a: object, **kw: object) -> object:
+        nonlocal calls
+        calls += 1
+        return real_decode(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(auth_mod.jwt, "decode", counting)  # PyJWT itself is not faked
+    first = v.verify(token)
+    assert v.verify(token) is first and calls == 1
+    bad = forge({"sub": "alice", "exp": now() + 60}, key="another-secret-" + "y" * 40)
+    for _ in range(2):
+        with pytest.raises(AuthError):
+            v.verify(bad)
+    assert calls == 3  # refused twice, checked twice
+    later = time.time() + 60 + S.leeway + 1
+    monkeypatch.setattr(auth_mod.time, "time", lambda: later)
+    with pytest.raises(AuthError) as info:
+        v.verify(token)
+    assert info.value.expired
+    monkeypatch.setattr(auth_mod, "VERIFIED_CACHE_SIZE", 3)
+    monkeypatch.setattr(auth_mod.time, "time", _real_time)
+    for i in range(10):
+        v.verify(forge({"sub": f"u{i}", "exp": now() + 60}))
+    assert len(v._verified) <= 3
+
+
+_real_time = time.time
