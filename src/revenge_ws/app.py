@@ -13,7 +13,6 @@ import os
 import signal
 import threading
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -52,7 +51,6 @@ __all__ = ["build_app", "run", "serve"]
 
 log = logging.getLogger("revenge_ws.app")
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
-SEEN: web.AppKey[weakref.WeakSet[Any]] = web.AppKey("seen", weakref.WeakSet)
 STORE: web.AppKey[NotificationStore] = web.AppKey("store", object)  # type: ignore[arg-type]
 #: An idle keep-alive HTTP connection, or one whose next request dribbles in, is closed
 #: this long after its last response (aiohttp's default is 3,630 s; the handshake deadline
@@ -61,13 +59,17 @@ KEEPALIVE_TIMEOUT = 75.0
 
 
 @web.middleware
-async def _mark_seen(
+def _mark_seen(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+) -> Awaitable[web.StreamResponse]:
     # The handshake timeout only concerns sockets that never completed a request.
-    if request.transport is not None:
-        request.app[SEEN].add(request.transport)
-    return await handler(request)
+    # Not a coroutine: nothing to do afterwards, so no frame kept for a socket's life.
+    transport = request.transport
+    if transport is not None:
+        guard = transport.get_protocol()
+        if isinstance(guard, _FirstRequestDeadline):
+            guard.request_seen()
+    return handler(request)
 
 
 def open_room_store(settings: Settings, node: Node) -> RoomStore:
@@ -93,7 +95,6 @@ def build_app(settings: Settings, *, broker: Broker | None = None) -> web.Applic
     app[NODE] = node
     app[REGISTRY] = observer.registry
     app[PROBES] = {}
-    app[SEEN] = weakref.WeakSet()
     models: dict[str, Any] = {
         "PublishBody": PublishBody,
         "DisconnectBody": DisconnectBody,
@@ -207,7 +208,7 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     server = await loop.create_server(
-        _guarded(runner, app, settings.server.handshake_timeout),
+        _guarded(runner, settings.server.handshake_timeout),
         settings.server.host,
         settings.server.port,
         reuse_address=True,
@@ -263,11 +264,10 @@ class _FirstRequestDeadline(asyncio.Protocol):
     """Wraps aiohttp's protocol: a socket that has not sent a complete request within
     the handshake timeout is dropped (slowloris)."""
 
-    __slots__ = ("_deadline", "_inner", "_seen", "_timeout")
+    __slots__ = ("_deadline", "_inner", "_timeout")
 
-    def __init__(self, inner: Any, seen: weakref.WeakSet[Any], timeout: float) -> None:
+    def __init__(self, inner: Any, timeout: float) -> None:
         self._inner = inner
-        self._seen = seen
         self._timeout = timeout
         self._deadline: asyncio.TimerHandle | None = None
 
@@ -279,8 +279,16 @@ class _FirstRequestDeadline(asyncio.Protocol):
         )
 
     def _check(self, transport: Any) -> None:
-        if transport not in self._seen and not transport.is_closing():
+        self._deadline = None
+        if not transport.is_closing():
             transport.abort()
+
+    def request_seen(self) -> None:
+        """A complete request arrived: the deadline is met (and its timer, which holds
+        this socket's protocol, is released at once rather than after the timeout)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     def data_received(self, data: bytes) -> None:
         self._inner.data_received(data)
@@ -304,12 +312,11 @@ class _FirstRequestDeadline(asyncio.Protocol):
         self._inner.resume_writing()
 
 
-def _guarded(runner: web.AppRunner, app: web.Application, timeout: float) -> Callable[[], Any]:
+def _guarded(runner: web.AppRunner, timeout: float) -> Callable[[], Any]:
     """The aiohttp protocol factory, with a deadline for a socket's first request."""
     factory = runner.server
     assert factory is not None
-    seen = app[SEEN]
-    return lambda: _FirstRequestDeadline(factory(), seen, timeout)
+    return lambda: _FirstRequestDeadline(factory(), timeout)
 
 
 def run(settings: Settings) -> None:

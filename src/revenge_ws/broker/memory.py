@@ -20,14 +20,21 @@ from .base import BrokerHandler, HistoryResult, PresenceInfo, Publication
 __all__ = ["MemoryBroker", "MemoryPresence"]
 
 
+#: Shared by every channel that has never had a publication (most personal channels):
+#: a deque costs ~760 bytes even when empty, and a node holds two such channels per
+#: connected user. ``maxlen=0`` makes an accidental append a no-op; the first publish
+#: gives the channel a deque of its own.
+_NO_HISTORY: deque[Publication] = deque(maxlen=0)
+
+
 class _Channel:
     __slots__ = ("epoch", "history", "seq", "ttl")
 
-    def __init__(self, size: int, ttl: float) -> None:
+    def __init__(self, ttl: float) -> None:
         self.epoch = secrets.token_hex(4)
         self.seq = 0
         self.ttl = ttl
-        self.history: deque[Publication] = deque(maxlen=max(size, 1))
+        self.history: deque[Publication] = _NO_HISTORY
 
 
 class MemoryPresence:
@@ -112,7 +119,7 @@ class MemoryBroker:
         st = self._channels.get(channel)
         if st is None:
             fam = family or HistoryFamily()
-            st = self._channels[channel] = _Channel(fam.size, fam.ttl)
+            st = self._channels[channel] = _Channel(fam.ttl)
             if len(self._channels) > self._max_channels:
                 self._channels.popitem(last=False)
         else:

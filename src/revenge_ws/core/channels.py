@@ -20,6 +20,7 @@ __all__ = [
     "ChannelPolicy",
     "Family",
     "automatic_channels",
+    "is_personal",
     "parse_channel",
 ]
 
@@ -41,6 +42,18 @@ _KEY = re.compile(r"[A-Za-z0-9_.@=+~-]{1,128}")
 #: Families whose channels keep the latest value (given in the subscribe ack) and whose
 #: progress updates are conflated for slow readers.
 LATEST_VALUE = frozenset({Family.TRANSCODE})
+#: A user's own channels: every connection of the user is on them, so their presence is
+#: the user's connection count (kept by the broker anyway) and needs no entry per
+#: connection (two broker writes per connect and per close, and memory, saved).
+PERSONAL = frozenset({Family.NOTIFICATIONS, Family.USER})
+_PERSONAL_PREFIXES = tuple(f"{f}:" for f in PERSONAL)
+
+
+def is_personal(name: str) -> bool:
+    """True for ``notifications:<user>`` and ``user:<user>``."""
+    return name.startswith(_PERSONAL_PREFIXES)
+
+
 #: Publication types that a newer one of the same channel may replace in a slow queue.
 CONFLATABLE_TYPES = frozenset({"transcode.progress"})
 

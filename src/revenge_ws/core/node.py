@@ -39,7 +39,13 @@ from ..protocol import (
     encode_message,
     now_ms,
 )
-from .channels import LATEST_VALUE, ChannelPolicy, automatic_channels, parse_channel
+from .channels import (
+    LATEST_VALUE,
+    ChannelPolicy,
+    automatic_channels,
+    is_personal,
+    parse_channel,
+)
 from .connection import Connection, Flusher, SubState, Transport
 from .hub import Hub
 from .observer import NullObserver, Observer
@@ -261,6 +267,14 @@ class Node:
             self._admitted.discard(session_id)
             await self.release(claims, session_id)
 
+    def admission_wait(self) -> float:
+        """Seconds until this node could admit one more connection (0: it can now),
+        without spending from the accept bucket: the adapter asks this before it
+        spends CPU on a token. :meth:`admit` still decides."""
+        if len(self.hub) >= self.settings.server.max_connections:
+            return self.retry_after()
+        return self._accept.wait(time.monotonic())
+
     def retry_after(self) -> float:
         return max(1.0, self._accept.retry_after())
 
@@ -412,7 +426,8 @@ class Node:
             for ch in emptied:
                 await self.call(self.broker.unsubscribe(ch))
             for ch in channels:
-                await self.call(self.broker.presence.remove(ch, conn.session_id))
+                if not is_personal(ch):
+                    await self.call(self.broker.presence.remove(ch, conn.session_id))
         if remaining == 0:
             await self._run_hooks(list(self.on_user_offline), conn, "offline")
 
@@ -539,7 +554,7 @@ class Node:
         }
         if latest_wanted:
             entry["latest"] = orjson.loads(latest_pub.payload) if latest_pub else None
-        if old is None:
+        if old is None and not is_personal(name):
             self.spawn(self._presence_add(conn, name), name=f"presence-{conn.session_id}")
 
         def finish() -> None:
@@ -628,8 +643,31 @@ class Node:
         if self.hub.unsubscribe(conn, name):
             with contextlib.suppress(BrokerUnavailable):
                 await self.call(self.broker.unsubscribe(name))
-        with contextlib.suppress(BrokerUnavailable):
-            await self.call(self.broker.presence.remove(name, conn.session_id))
+        if not is_personal(name):
+            with contextlib.suppress(BrokerUnavailable):
+                await self.call(self.broker.presence.remove(name, conn.session_id))
+
+    async def presence(self, channel: str) -> list[dict[str, Any]]:
+        """Who is on ``channel`` (cluster-wide): ``[{user_id, name, connections}]``.
+
+        A personal channel's presence is its user's open connections (see
+        :data:`~revenge_ws.core.channels.PERSONAL`); the name is the display name
+        when the user has a connection on this node, else the user id.
+        """
+        if is_personal(channel):
+            user_id = channel.partition(":")[2]
+            count = await self.call(self.broker.presence.connection_count(user_id))
+            if count <= 0:
+                return []
+            local = next(iter(self.hub.user_connections(user_id)), None)
+            name = local.claims.display_name if local is not None else user_id
+            return [{"user_id": user_id, "name": name, "connections": count}]
+        members = await self.call(self.broker.presence.members(channel))
+        users: dict[str, dict[str, Any]] = {}
+        for info in members.values():
+            u = users.setdefault(info.user_id, {"user_id": info.user_id, "name": info.name})
+            u["connections"] = u.get("connections", 0) + 1
+        return list(users.values())
 
     async def _refresh(self, req: Request) -> dict[str, Any]:
         token = req.data.get("token")

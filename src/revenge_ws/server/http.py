@@ -31,7 +31,7 @@ from ..exceptions import (
 )
 from ..protocol import StreamPosition, now_ms
 from .errors import error_response
-from .ws import NODE, extract_token
+from .ws import NODE, extract_token, websocket_handler
 
 __all__ = [
     "BodyTimeout",
@@ -136,7 +136,16 @@ def backend_auth(request: web.Request) -> str:
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def error_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+    """Errors to the contract's JSON answers. Not a coroutine itself: a WebSocket's
+    handler is passed through untouched, so no frame of this middleware lives as long
+    as the socket (the handler answers its own refusals)."""
+    if request.match_info.handler is websocket_handler:
+        return handler(request)
+    return _answer_errors(request, handler)
+
+
+async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except BodyTimeout as exc:
@@ -209,13 +218,8 @@ async def revoke(request: web.Request) -> web.Response:
 async def presence(request: web.Request) -> web.Response:
     backend_auth(request)
     channel = parse_channel(request.match_info["channel"]).name
-    node = request.app[NODE]
-    members = await node.call(node.broker.presence.members(channel))
-    users: dict[str, dict[str, Any]] = {}
-    for info in members.values():
-        u = users.setdefault(info.user_id, {"user_id": info.user_id, "name": info.name})
-        u["connections"] = u.get("connections", 0) + 1
-    return json_response({"channel": channel, "members": list(users.values())})
+    members = await request.app[NODE].presence(channel)
+    return json_response({"channel": channel, "members": members})
 
 
 async def history(request: web.Request) -> web.Response:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -21,7 +20,7 @@ from ..auth import Claims
 from ..codes import CloseCode, ErrorCode
 from ..core.node import Node
 from ..core.session import Close
-from ..exceptions import AuthError, ProtocolError
+from ..exceptions import AuthError, BrokerUnavailable, ProtocolError, StoreUnavailable
 from ..protocol import SUBPROTOCOL, now_ms
 from .errors import error_response
 
@@ -91,7 +90,81 @@ def origin_allowed(request: web.Request, allowed: list[str]) -> bool:
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    """The upgrade and the connection's whole life, in ONE coroutine frame.
+
+    The HTTP error middleware does not wrap this handler (each wrapping frame would live
+    as long as the socket: ~1 KiB per idle connection), so the refusals before the
+    upgrade are all answered here, a broker or store failure included (503).
+    """
     node = request.app[NODE]
+    try:
+        admitted = await _admit(request, node)
+    except (BrokerUnavailable, StoreUnavailable, TimeoutError) as exc:
+        log.warning("handshake refused: unavailable: %s", exc)
+        node.observer.handshake_refused(ErrorCode.UNAVAILABLE.value)
+        return error_response(ErrorCode.UNAVAILABLE, "temporarily unavailable", retry_after=1)
+    if isinstance(admitted, web.Response):
+        return admitted
+    claims, session_id, extra, room_id = admitted
+    try:
+        ws = web.WebSocketResponse(
+            protocols=(SUBPROTOCOL,),
+            compress=False,
+            # aiohttp refuses a message whose size is >= max_msg_size; the contract
+            # allows exactly message_size bytes and closes with 1009 only above it.
+            max_msg_size=node.settings.limits.message_size + 1,
+            autoping=False,
+            timeout=CLOSE_TIMEOUT,
+        )
+        await ws.prepare(request)
+        raw = request.transport
+        if raw is None:  # the peer left during the upgrade
+            return ws
+        transport = AiohttpTransport(ws, raw)
+        conn = await node.open(claims, transport, session_id, extra_channels=extra)
+        if room_id is not None:
+            await node.join_room_on_connect(conn, room_id, dict(request.query))
+        try:
+            while not conn.closed:
+                msg = await ws.receive()
+                t = now_ms()
+                kind = msg.type
+                if kind is WSMsgType.TEXT:
+                    pending = node.receive(conn, msg.data, t)
+                    if pending is not None:
+                        await pending
+                elif kind is WSMsgType.PING or kind is WSMsgType.PONG:
+                    verdict = conn.session.control(node.clock())
+                    if verdict is None:
+                        if kind is WSMsgType.PING:
+                            with contextlib.suppress(ConnectionError, RuntimeError):
+                                await ws.pong(msg.data)
+                    elif isinstance(verdict, Close):
+                        conn.close(verdict.code, verdict.reason)
+                    else:
+                        # Over budget: no pong, the RATE_LIMITED error a dropped message gets.
+                        conn.send(verdict.payload)
+                elif kind is WSMsgType.BINARY:
+                    conn.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
+                else:
+                    # CLOSE / CLOSING / CLOSED / ERROR (e.g. too big: aiohttp sent 1009).
+                    if kind is WSMsgType.ERROR and ws.close_code is not None:
+                        conn.close_code = ws.close_code
+                    break
+        except ConnectionError:
+            pass
+        finally:
+            await transport.wait_closed()
+            await node.closed(conn, ws.close_code)
+        return ws
+    finally:
+        await node.release_if_unopened(claims, session_id)
+
+
+async def _admit(
+    request: web.Request, node: Node
+) -> web.Response | tuple[Claims, str, tuple[str, ...], str | None]:
+    """Every check before the upgrade: a refusal, or what the connection needs."""
     settings = node.settings
     if node.closing:
         return error_response(ErrorCode.UNAVAILABLE, "shutting down", retry_after=5)
@@ -129,10 +202,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         if exc.code is ErrorCode.RATE_LIMITED:
             retry = 5.0
         return error_response(exc.code, exc.message, retry_after=retry)
-    try:
-        return await _serve(request, node, claims, session_id, extra, room_id)
-    finally:
-        await node.release_if_unopened(claims, session_id)
+    return claims, session_id, extra, room_id
 
 
 def _refuse_before_auth(node: Node) -> web.Response | None:
@@ -146,17 +216,11 @@ def _refuse_before_auth(node: Node) -> web.Response | None:
     while a handshake awaits its checks); the per-user limits need the token's user and
     stay after it.
     """
-    # Node has no public view of its accept bucket (node.py is not this module's), and a
-    # second bucket here would count every handshake twice.
-    wait = node._accept.wait(time.monotonic())
+    wait = node.admission_wait()
     if wait > 0:
-        return error_response(
-            ErrorCode.UNAVAILABLE, "too many handshakes, retry later", retry_after=max(1.0, wait)
-        )
-    if len(node.hub) >= node.settings.server.max_connections:
-        return error_response(
-            ErrorCode.UNAVAILABLE, "this node is full", retry_after=node.retry_after()
-        )
+        full = len(node.hub) >= node.settings.server.max_connections
+        reason = "this node is full" if full else "too many handshakes, retry later"
+        return error_response(ErrorCode.UNAVAILABLE, reason, retry_after=max(1.0, wait))
     return None
 
 
@@ -165,64 +229,3 @@ async def _check_channel(node: Node, claims: Claims, name: str) -> str:
 
     await node.policy.check(claims, parse_channel(name))
     return name
-
-
-async def _serve(
-    request: web.Request,
-    node: Node,
-    claims: Claims,
-    session_id: str,
-    extra: tuple[str, ...],
-    room_id: str | None,
-) -> web.StreamResponse:
-    settings = node.settings
-    ws = web.WebSocketResponse(
-        protocols=(SUBPROTOCOL,),
-        compress=False,
-        # aiohttp refuses a message whose size is >= max_msg_size; the contract allows
-        # exactly message_size bytes and closes with 1009 only above it.
-        max_msg_size=settings.limits.message_size + 1,
-        autoping=False,
-        timeout=CLOSE_TIMEOUT,
-    )
-    await ws.prepare(request)
-    raw = request.transport
-    if raw is None:  # the peer left during the upgrade
-        return ws
-    transport = AiohttpTransport(ws, raw)
-    conn = await node.open(claims, transport, session_id, extra_channels=extra)
-    if room_id is not None:
-        await node.join_room_on_connect(conn, room_id, dict(request.query))
-    try:
-        while not conn.closed:
-            msg = await ws.receive()
-            t = now_ms()
-            kind = msg.type
-            if kind is WSMsgType.TEXT:
-                pending = node.receive(conn, msg.data, t)
-                if pending is not None:
-                    await pending
-            elif kind is WSMsgType.PING or kind is WSMsgType.PONG:
-                verdict = conn.session.control(node.clock())
-                if verdict is None:
-                    if kind is WSMsgType.PING:
-                        with contextlib.suppress(ConnectionError, RuntimeError):
-                            await ws.pong(msg.data)
-                elif isinstance(verdict, Close):
-                    conn.close(verdict.code, verdict.reason)
-                else:
-                    # Over budget: no pong, the RATE_LIMITED error a dropped message gets.
-                    conn.send(verdict.payload)
-            elif kind is WSMsgType.BINARY:
-                conn.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
-            else:
-                # CLOSE / CLOSING / CLOSED / ERROR (e.g. too big: aiohttp sent 1009).
-                if kind is WSMsgType.ERROR and ws.close_code is not None:
-                    conn.close_code = ws.close_code
-                break
-    except ConnectionError:
-        pass
-    finally:
-        await transport.wait_closed()
-        await node.closed(conn, ws.close_code)
-    return ws
