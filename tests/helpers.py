@@ -29,6 +29,16 @@ SECRET = "test-secret-" + "x" * 40
 API_KEY = "test-api-key-0123456789"
 
 
+async def wait_for(cond: Any, timeout: float = 5.0) -> bool:
+    """Poll ``cond()`` every 20 ms until it is true or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        await asyncio.sleep(0.02)
+    return bool(cond())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,18 +20,9 @@ import pytest
 from revenge_ws import app as app_module
 from revenge_ws.codes import CloseCode
 
-from .helpers import WS, Hub, masked_text_frame, raw_upgrade
+from .helpers import WS, Hub, masked_text_frame, raw_upgrade, wait_for
 from .test_hardening_input import OP_PING, frame, open_raw
 from .test_ws import UPGRADE
-
-
-async def wait_for(cond: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        await asyncio.sleep(0.02)
-    return bool(cond())
 
 
 async def dribble(port: int, data: bytes, *, first: bytes = b"", limit: float = 10.0) -> int:

@@ -7,7 +7,7 @@ from typing import Any
 
 from openapi_spec_validator import validate
 
-from .helpers import API_KEY, Hub
+from .helpers import API_KEY, Hub, wait_for
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -111,6 +111,28 @@ async def test_presence_endpoint(hub: Hub) -> None:
     members = {m["user_id"]: m for m in body["members"]}
     assert members["alice"] == {"user_id": "alice", "name": "Alice", "connections": 2}
     assert members["bob"]["connections"] == 1
+
+
+async def test_presence_of_personal_channels_is_the_connection_count(hub: Hub) -> None:
+    """notifications:<user> and user:<user> keep no presence entry per connection; their
+    presence is the user's open connections (every connection is on them)."""
+    a1 = await hub.connect("alice", name="Alice")
+    a2 = await hub.connect("alice", name="Alice")
+    for ch in ("notifications:alice", "user:alice"):
+        status, body = await hub.request("GET", f"/api/v1/realtime/presence/{ch}")
+        assert status == 200
+        assert body == {
+            "channel": ch,
+            "members": [{"user_id": "alice", "name": "Alice", "connections": 2}],
+        }
+    assert not hub.node.broker.presence._channels  # nothing stored per connection
+    await a1.close()
+    await a2.close()
+    assert await wait_for(lambda: len(hub.node.hub) == 0)
+    _status, body = await hub.request("GET", "/api/v1/realtime/presence/user:alice")
+    assert body["members"] == []
+    _status, body = await hub.request("GET", "/api/v1/realtime/presence/user:nobody")
+    assert body == {"channel": "user:nobody", "members": []}
 
 
 async def test_unknown_route_and_method(hub: Hub) -> None:
