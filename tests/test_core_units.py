@@ -12,7 +12,7 @@ from revenge_ws.auth import Claims
 from revenge_ws.broker.base import Publication
 from revenge_ws.codes import CloseCode, ErrorCode
 from revenge_ws.core.channels import ChannelPolicy, Family, automatic_channels, parse_channel
-from revenge_ws.core.connection import HIGH_WATER, Connection, SubState
+from revenge_ws.core.connection import HIGH_WATER, Connection, Flusher, SubState
 from revenge_ws.core.hub import Hub
 from revenge_ws.core.outbox import Outbox
 from revenge_ws.core.ratelimit import TokenBucket
@@ -345,6 +345,38 @@ def test_hub_fanout_dedupe_gap_and_pending() -> None:
     assert hub.remove(a) == []
     assert hub.remove(b) == ["activity"]
     assert len(hub) == 0 and hub.deliver(pub("activity", 4)) == 0
+
+
+def test_hub_fast_path_one_flush_per_iteration_and_the_slow_path_still_guards() -> None:
+    """Deliveries through the node's Flusher (the inlined common case) are written by ONE
+    loop callback, coalesced per connection; a connection without a flusher, a closed
+    one and one near its outbox limit take the general path with its checks."""
+    hub = Hub()
+    loop = FakeLoop()
+    flusher = Flusher(loop)
+    fast = [make_conn(loop, f"f{i}", f"u{i}") for i in range(3)]
+    for conn, _ in fast:
+        conn.flusher = flusher
+    plain, tp = make_conn(loop, "plain", "p")
+    closed, tc = make_conn(loop, "closed", "c")
+    closed.flusher = flusher
+    closed.closed = True
+    full, tf = make_conn(loop, "full", "x", limit=HIGH_WATER * 2)  # never "far below"
+    full.flusher = flusher
+    tf.backlog = HIGH_WATER * 2  # the transport holds all the outbox may hold
+    for conn, _ in [*fast, (plain, tp), (closed, tc), (full, tf)]:
+        hub.add(conn)
+        hub.subscribe(conn, "library:l", SubState("e", 0))
+    assert hub.deliver(pub("library:l", 1)) == 6
+    assert tf.closed is not None and tf.closed[0] == CloseCode.SLOW_CONSUMER
+    assert hub.deliver(pub("library:l", 2)) == 6
+    assert len(loop.soon) == 2  # one flusher run for all, plain's own flush
+    loop.run()
+    both = pub("library:l", 1).frame + pub("library:l", 2).frame
+    assert all(t.writes == [both] for _, t in fast)
+    assert tp.writes == [both]
+    assert tc.writes == [] and tc.closed is None
+    assert tf.writes == []
 
 
 def test_hub_conflates_transcode_progress_for_a_backed_up_reader() -> None:

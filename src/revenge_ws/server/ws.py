@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -36,20 +37,19 @@ _PING_FRAME = b"\x89\x00"
 class AiohttpTransport:
     """:class:`~revenge_ws.core.connection.Transport` over an aiohttp WebSocket."""
 
-    __slots__ = ("_closer", "_raw", "_ws")
+    __slots__ = ("_closer", "_raw", "_ws", "buffered")
 
     def __init__(self, ws: web.WebSocketResponse, raw: asyncio.Transport) -> None:
         self._ws = ws
         self._raw = raw
         self._closer: asyncio.Task[Any] | None = None
+        #: The transport's own method, not a wrapper: flush asks it on every write.
+        self.buffered: Callable[[], int] = raw.get_write_buffer_size
 
     def write(self, data: bytes) -> None:
         raw = self._raw
         if not raw.is_closing():
             raw.write(data)
-
-    def buffered(self) -> int:
-        return self._raw.get_write_buffer_size()
 
     def ping(self) -> None:
         self.write(_PING_FRAME)
