@@ -26,7 +26,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from revenge_ws.client import ReconnectPolicy
+from revenge_ws.client import ClientConfig, ReconnectPolicy
 from revenge_ws.client.syncplay import SyncConfig
 from revenge_ws.codes import should_reconnect
 from revenge_ws.server.pages import PAGES, StaticFiles, install
@@ -164,6 +164,8 @@ def test_the_js_client_shares_the_python_clients_numbers() -> None:
     opts = got["options"]
     assert (opts["requestTimeout"], opts["connectTimeout"], opts["stableAfter"]) == (5, 10, 5)
     assert (opts["refreshMargin"], opts["initialPings"], opts["clockSamples"]) == (60, 3, 8)
+    # rtt is the min-delay estimate over this window in both clients.
+    assert opts["clockSamples"] == ClientConfig().clock_samples
     assert opts["rateLimitWait"] == policy.rate_limit_wait
     assert opts["rateLimitSpread"] == policy.rate_limit_spread
 

@@ -301,12 +301,41 @@ test("pings measure the clock: min-delay offset, serverTime()", async () => {
   ws.pong(clock, 1050);
   assert.equal(client.clockOffset, 1002);
   assert.equal(client.serverTime(), clock.now() + 1002);
-  assert.equal(client.rtt, 101);
+  assert.equal(client.rtt, 5, "rtt is the min-delay sample's, the one the offset comes from");
+  assert.equal(client.rttLatest, 101, "rttLatest is the latest exchange's");
   // Then every heartbeat.interval.
   await clock.advance(29_000);
   assert.equal(ws.requests("ping").length, 3);
   await clock.advance(2000);
   assert.equal(ws.requests("ping").length, 4);
+  await client.close();
+});
+
+test("rtt is the min-delay of the last clockSamples pings; rttLatest the latest", async () => {
+  const { clock, client } = setup();
+  client.start();
+  await flush();
+  const ws = FakeWebSocket.last;
+  ws.accept({ server_time: clock.now(), heartbeat: { interval: 1, timeout: 90 } });
+  await flush();
+  assert.equal(client.rtt, null, "nothing before the first pong");
+  assert.equal(client.rttLatest, null);
+  assert.equal(client.options.clockSamples, 8);
+  // Round trips 20, 20, 300 (one queued ping), then 30 × 7: the spike never moves rtt.
+  const delays = [20, 20, 300, 30, 30, 30, 30, 30, 30, 30];
+  const seen = [];
+  for (const [i, d] of delays.entries()) {
+    assert.equal(ws.requests("ping").length, i + 1);
+    await clock.advance(d);
+    ws.pong(clock, 0);
+    seen.push([client.rtt, client.rttLatest]);
+    await clock.advance(1000); // the next ping, a heartbeat.interval after the pong
+  }
+  assert.deepEqual(seen.slice(0, 4), [[20, 20], [20, 20], [20, 300], [20, 30]]);
+  // The 20 ms samples roll out after 8 more: then rtt follows the path's new RTT.
+  assert.deepEqual(seen[8], [20, 30], "the second 20 ms sample is still among the last 8");
+  assert.deepEqual(seen[9], [30, 30], "both 20 ms samples rolled out");
+  assert.equal(client.clock.samples.length, 8);
   await client.close();
 });
 

@@ -245,7 +245,8 @@ class FakeClient {
     this.handlers = new Map();
     this.connected = true;
     this.userId = "alice";
-    this.rtt = 12.34;
+    this.rtt = 12.34; // the min-delay estimate: what join and reports send
+    this.rttLatest = 97.5; // a queued ping: never sent as rtt_ms
     this.logger = {};
     this.answers = {};
   }
@@ -318,7 +319,7 @@ test("a session: ready when loaded, scheduled start at `when`, reports, members,
   const report = client.sent.find((s) => s.type === "syncplay.report");
   assert.equal(report.data.room_id, "r1");
   assert.equal(report.data.is_playing, true);
-  assert.equal(report.data.rtt_ms, 12.3);
+  assert.equal(report.data.rtt_ms, 12.3, "client.rtt (the min-delay estimate), not rttLatest");
   assert.equal(report.data.command_seq, 1);
 
   // A drifting element is nudged, not seeked.
@@ -345,7 +346,7 @@ test("a session re-joins after a reconnect and waits for media before ready", as
   client.answers["syncplay.join"] = { room: ROOM, members: [], state };
   const sp = new SyncPlay(client, media, { timers: clock });
   await sp.join("r1", { password: "pw" });
-  assert.deepEqual(client.sent[0], { type: "syncplay.join", data: { room_id: "r1", password: "pw", rtt_ms: 12.3 } });
+  assert.deepEqual(client.sent[0], { type: "syncplay.join", data: { room_id: "r1", password: "pw", rtt_ms: 12.3 } }, "client.rtt, not rttLatest");
   assert.ok(!client.types().includes("syncplay.ready"), "not ready before the media can play");
   media.readyState = 4;
   media.dispatchEvent(new Event("canplay"));

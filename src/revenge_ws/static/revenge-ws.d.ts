@@ -330,7 +330,10 @@ export declare class RevengeClient {
   readonly sessionId: string | null;
   readonly userId: string | null;
   readonly clockOffset: number | null;
+  /** Min-delay RTT (ms) of the last `clockSamples` pings (the sample `clockOffset` comes from). */
   readonly rtt: number | null;
+  /** RTT (ms) of the latest ping, jitter included. */
+  readonly rttLatest: number | null;
   readonly channels: string[];
   readonly token: string | null;
   serverTime(): number;

@@ -896,8 +896,17 @@ export class RevengeClient extends Emitter {
     const o = this.clock.offset;
     return o === null ? this._coarseOffset : o;
   }
-  /** Round-trip time of the latest ping (ms). */
+  /**
+   * Round-trip time (ms, server processing excluded) of the min-delay sample of the last
+   * `clockSamples` pings: the one `clockOffset` comes from. Queueing only ever adds delay, so
+   * this is the path's own RTT without one-off spikes; what SyncPlay's lead (2 × the worst
+   * member's RTT) and its reports are built on. Null before the first pong.
+   */
   get rtt() {
+    return this.clock.delay;
+  }
+  /** Round-trip time of the latest ping (ms), jitter included; null before the first pong. */
+  get rttLatest() {
     return this.clock.latest?.delay ?? null;
   }
   /** The server's clock now (ms since the Unix epoch), as estimated. */
@@ -2120,7 +2129,7 @@ export class SyncPlay extends Emitter {
     if (roomId) data.room_id = roomId;
     if (opts.password) data.password = opts.password;
     if (opts.inviteCode) data.invite_code = opts.inviteCode;
-    const rtt = this.client.rtt;
+    const rtt = this.client.rtt; // min-delay, not rttLatest: the hub's lead is 2 × the worst RTT
     if (rtt != null) data.rtt_ms = Math.round(rtt * 10) / 10;
     const ack = await this.client.request("syncplay.join", data);
     this._password = opts.password ?? null;
@@ -2377,7 +2386,7 @@ export class SyncPlay extends Emitter {
 
   _report() {
     if (!this.room || !this.client.connected) return;
-    const rtt = this.client.rtt;
+    const rtt = this.client.rtt; // min-delay (see join): one queued ping does not move it
     const data = this.controller.report(rtt == null ? null : Math.round(rtt * 10) / 10, this.buffering);
     this._send("syncplay.report", data);
   }
