@@ -367,3 +367,149 @@ def masked_text_frame(payload: bytes) -> bytes:
     else:
         head = bytes([0x81, 0x80 | 127]) + n.to_bytes(8, "big")
     return head + b"\x00\x00\x00\x00" + payload
+
+
+# -- raw RFC 6455 frames on a plain socket -----------------------------------------------
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+def frame(
+    opcode: int,
+    payload: bytes,
+    *,
+    fin: bool = True,
+    rsv1: bool = False,
+    rsv: int = 0,
+    key: bytes | None = b"\x00\x00\x00\x00",
+) -> bytes:
+    """One client frame, masked with ``key`` (the zero key, which RFC 6455 permits, unless
+    told otherwise; ``key=None`` sends it unmasked). ``rsv`` sets the three reserved bits
+    (RSV1=4, RSV2=2, RSV3=1); ``rsv1=True`` is the same as ``rsv=4``."""
+    b0 = (0x80 if fin else 0) | ((rsv | (4 if rsv1 else 0)) << 4) | opcode
+    n = len(payload)
+    mask_bit = 0x80 if key is not None else 0
+    if n < 126:
+        head = bytes([b0, mask_bit | n])
+    elif n < 65536:
+        head = bytes([b0, mask_bit | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([b0, mask_bit | 127]) + n.to_bytes(8, "big")
+    if key is None:
+        return head + payload
+    if key != b"\x00\x00\x00\x00":
+        n_key = int.from_bytes((key * (n // 4 + 1))[:n], "big") if n else 0
+        payload = (int.from_bytes(payload, "big") ^ n_key).to_bytes(n, "big") if n else b""
+    return head + key + payload
+
+
+def fragments(message: bytes, count: int) -> bytes:
+    """``message`` as exactly ``count`` frames: TEXT (FIN=0), CONT..., CONT (FIN=1)."""
+    assert len(message) % count == 0
+    size = len(message) // count
+    parts = [message[i : i + size] for i in range(0, len(message), size)]
+    assert len(parts) == count
+    return b"".join(
+        frame(OP_TEXT if i == 0 else OP_CONT, p, fin=i == count - 1) for i, p in enumerate(parts)
+    )
+
+
+def handshake(
+    port: int, path: str, extra: dict[str, str] | None = None, timeout: float = 5.0
+) -> tuple[socket.socket, bytes]:
+    """A WebSocket upgrade on a plain socket; returns the socket and the response head."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout)
+    headers = {
+        "Host": f"127.0.0.1:{port}",
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Protocol": "revenge.v1",
+        **(extra or {}),
+    }
+    request = f"GET {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    sock.sendall((request + "\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head and len(head) < 8192:
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        head += chunk
+    return sock, head
+
+
+class FrameReader:
+    """Reads server frames from a raw socket (server frames are never masked)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.last_b0, self.last_masked = 0, False
+        #: The payload of the close frame ``until_close`` stopped at.
+        self.close_payload = b""
+
+    def _fill(self, n: int, deadline: float) -> bool:
+        while len(self.buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no frame in time")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                return False
+            self.buf += chunk
+        return True
+
+    def next(self, timeout: float = 5.0) -> tuple[int, bytes] | None:
+        """(opcode, payload) of the next frame; None at EOF."""
+        deadline = time.monotonic() + timeout
+        if not self._fill(2, deadline):
+            return None
+        n = self.buf[1] & 0x7F
+        off = 2
+        if n == 126:
+            if not self._fill(4, deadline):
+                return None
+            n, off = int.from_bytes(self.buf[2:4], "big"), 4
+        elif n == 127:
+            if not self._fill(10, deadline):
+                return None
+            n, off = int.from_bytes(self.buf[2:10], "big"), 10
+        if not self._fill(off + n, deadline):
+            return None
+        op, payload = self.buf[0] & 0x0F, self.buf[off : off + n]
+        #: The first byte of the last frame read (FIN, RSV1-3, opcode) and its MASK bit.
+        self.last_b0, self.last_masked = self.buf[0], bool(self.buf[1] & 0x80)
+        self.buf = self.buf[off + n :]
+        return op, payload
+
+    def until_close(self, timeout: float = 5.0) -> tuple[list[bytes], int | None]:
+        """Text payloads seen, then the close code (None if the socket just ended)."""
+        texts: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.next(max(0.05, deadline - time.monotonic()))
+            if got is None:
+                return texts, None
+            op, payload = got
+            if op == OP_CLOSE:
+                self.close_payload = payload
+                return texts, int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            if op == OP_TEXT:
+                texts.append(payload)
+        raise TimeoutError("no close frame in time")
+
+    def reply(self, msg_id: str, timeout: float = 5.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.next(max(0.05, deadline - time.monotonic()))
+            assert got is not None, f"socket closed before the reply to {msg_id}"
+            op, payload = got
+            if op == OP_TEXT:
+                msg: dict[str, Any] = orjson.loads(payload)
+                if msg.get("id") == msg_id:
+                    return msg
+            assert op != OP_CLOSE, f"closed {payload[:2].hex()} before the reply to {msg_id}"

@@ -36,132 +36,26 @@ from revenge_ws.codes import ErrorCode
 from revenge_ws.exceptions import ProtocolError
 from revenge_ws.protocol import MAX_DEPTH, decode_envelope
 
-from .helpers import API_KEY, WS, Hub, make_settings, masked_text_frame, start_hub_process
-
-# -- raw RFC 6455 client frames ------------------------------------------------------------
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING = 0x0, 0x1, 0x2, 0x8, 0x9
-
-
-def frame(opcode: int, payload: bytes, *, fin: bool = True, rsv1: bool = False) -> bytes:
-    """One masked client frame (zero mask key, which RFC 6455 permits)."""
-    b0 = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
-    n = len(payload)
-    if n < 126:
-        head = bytes([b0, 0x80 | n])
-    elif n < 65536:
-        head = bytes([b0, 0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        head = bytes([b0, 0x80 | 127]) + n.to_bytes(8, "big")
-    return head + b"\x00\x00\x00\x00" + payload
-
-
-def fragments(message: bytes, count: int) -> bytes:
-    """``message`` as exactly ``count`` frames: TEXT (FIN=0), CONT..., CONT (FIN=1)."""
-    assert len(message) % count == 0
-    size = len(message) // count
-    parts = [message[i : i + size] for i in range(0, len(message), size)]
-    assert len(parts) == count
-    return b"".join(
-        frame(OP_TEXT if i == 0 else OP_CONT, p, fin=i == count - 1) for i, p in enumerate(parts)
-    )
+from .helpers import (
+    API_KEY,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_TEXT,
+    WS,
+    FrameReader,
+    Hub,
+    fragments,
+    frame,
+    handshake,
+    make_settings,
+    masked_text_frame,
+    start_hub_process,
+)
 
 
-def handshake(
-    port: int, path: str, extra: dict[str, str] | None = None, timeout: float = 5.0
-) -> tuple[socket.socket, bytes]:
-    """A WebSocket upgrade on a plain socket; returns the socket and the response head."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout)
-    headers = {
-        "Host": f"127.0.0.1:{port}",
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-        "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Protocol": "revenge.v1",
-        **(extra or {}),
-    }
-    request = f"GET {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    sock.sendall((request + "\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head and len(head) < 8192:
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        head += chunk
-    return sock, head
-
-
-class FrameReader:
-    """Reads server frames from a raw socket (server frames are never masked)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = b""
-
-    def _fill(self, n: int, deadline: float) -> bool:
-        while len(self.buf) < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no frame in time")
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except ConnectionResetError:
-                chunk = b""
-            if not chunk:
-                return False
-            self.buf += chunk
-        return True
-
-    def next(self, timeout: float = 5.0) -> tuple[int, bytes] | None:
-        """(opcode, payload) of the next frame; None at EOF."""
-        deadline = time.monotonic() + timeout
-        if not self._fill(2, deadline):
-            return None
-        n = self.buf[1] & 0x7F
-        off = 2
-        if n == 126:
-            if not self._fill(4, deadline):
-                return None
-            n, off = int.from_bytes(self.buf[2:4], "big"), 4
-        elif n == 127:
-            if not self._fill(10, deadline):
-                return None
-            n, off = int.from_bytes(self.buf[2:10], "big"), 10
-        if not self._fill(off + n, deadline):
-            return None
-        op, payload = self.buf[0] & 0x0F, self.buf[off : off + n]
-        self.buf = self.buf[off + n :]
-        return op, payload
-
-    def until_close(self, timeout: float = 5.0) -> tuple[list[bytes], int | None]:
-        """Text payloads seen, then the close code (None if the socket just ended)."""
-        texts: list[bytes] = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = self.next(max(0.05, deadline - time.monotonic()))
-            if got is None:
-                return texts, None
-            op, payload = got
-            if op == OP_CLOSE:
-                return texts, int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-            if op == OP_TEXT:
-                texts.append(payload)
-        raise TimeoutError("no close frame in time")
-
-    def reply(self, msg_id: str, timeout: float = 5.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.next(max(0.05, deadline - time.monotonic()))
-            assert got is not None, f"socket closed before the reply to {msg_id}"
-            op, payload = got
-            if op == OP_TEXT:
-                msg: dict[str, Any] = orjson.loads(payload)
-                if msg.get("id") == msg_id:
-                    return msg
-            assert op != OP_CLOSE, f"closed {payload[:2].hex()} before the reply to {msg_id}"
-
-
+# -- raw sockets on the hub ------------------------------------------------------------------
 def open_raw(
     hub: Hub, sub: str = "alice", rcvbuf: int = 1 << 20
 ) -> tuple[socket.socket, FrameReader]:
