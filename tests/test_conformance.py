@@ -602,12 +602,12 @@ IANA_LATER = [1012, 1013, 1014]
     ids=[f"7.7.{i}-{c}" for i, c in enumerate(VALID_CODES, 1)]
     + [f"7.x-{c}-iana-registered" for c in IANA_LATER],
 )
-def test_7_valid_close_codes_are_answered(echo_hub: EchoHub, code: int) -> None:
-    """§7.4: a close with a valid code gets a close back. RFC 6455 §5.5.1 says the reply
-    "typically echos" the code; aiohttp always answers 1000, which Autobahn 7.7.x accepts
-    ("closeCode": [1000, code])."""
+def test_7_valid_close_codes_are_echoed(echo_hub: EchoHub, code: int) -> None:
+    """§7.4: a close with a valid code gets a close back carrying the same code (RFC 6455
+    §5.5.1: the reply "typically echos" it; the hub answers a close itself,
+    ``server/ws.py`` ``close_reply``, instead of aiohttp's automatic 1000)."""
     out = client_close(echo_hub, close_frame(code, b"ok"))
-    assert out.frames == [] and out.close == 1000 and out.eof and not out.bad_headers
+    assert out.frames == [] and out.close == code and out.eof and not out.bad_headers
 
 
 INVALID_CODES = [
@@ -615,27 +615,26 @@ INVALID_CODES = [
     pytest.param(999, 1002, id="7.9.2-999"),
     pytest.param(1004, 1002, id="7.9.3-1004"),
     pytest.param(1005, 1002, id="7.9.4-1005"),
-    # RFC: 1002 (1006 is reserved and MUST NOT be sent, §7.4.1). aiohttp's allow-list is
-    # its own WSCloseCode enum, which has ABNORMAL_CLOSURE = 1006: accepted, answered
-    # 1000. This is aiohttp's one Autobahn FAILED case, 7.9.5.
-    pytest.param(1006, 1000, id="7.9.5-1006-aiohttp-deviation"),
+    # 1006 is reserved and MUST NOT be sent (§7.4.1). aiohttp's reader lets it through
+    # (its allow-list is its WSCloseCode enum, which has ABNORMAL_CLOSURE = 1006: aiohttp's
+    # one Autobahn FAILED case, 7.9.5); the hub's own close reply refuses it.
+    pytest.param(1006, 1002, id="7.9.5-1006"),
     pytest.param(1015, 1002, id="7.x-1015"),
     pytest.param(1016, 1002, id="7.9.6-1016"),
     pytest.param(1100, 1002, id="7.9.7-1100"),
     pytest.param(2000, 1002, id="7.9.8-2000"),
     pytest.param(2999, 1002, id="7.9.9-2999"),
-    # Codes >= 5000 are outside every range of §7.4.2; the brief of this suite expects
-    # 1002 (Autobahn 7.13.x only records what happens). aiohttp checks only codes below
-    # 3000: accepted, answered 1000.
-    pytest.param(5000, 1000, id="7.13.1-5000-aiohttp-deviation"),
-    pytest.param(65535, 1000, id="7.13.2-65535-aiohttp-deviation"),
+    # Codes >= 5000 are outside every range of §7.4.2 (Autobahn 7.13.x only records what
+    # happens). aiohttp's reader checks only codes below 3000; the hub's reply refuses them.
+    pytest.param(5000, 1002, id="7.13.1-5000"),
+    pytest.param(65535, 1002, id="7.13.2-65535"),
 ]
 
 
 @pytest.mark.parametrize(("code", "answer"), INVALID_CODES)
 def test_7_invalid_close_codes_fail(echo_hub: EchoHub, code: int, answer: int) -> None:
     """§7.4: 0–999, 1004–1006, 1015, unassigned 1016–2999 and >= 5000 are not valid on
-    the wire; RFC 6455 requires 1002 for each (the deviations are marked in the ids)."""
+    the wire; RFC 6455 requires 1002 for each."""
     out = client_close(echo_hub, close_frame(code, b"bad"))
     assert out.frames == [] and out.close == answer and out.eof
 
@@ -670,9 +669,10 @@ PING_ENVELOPE = b'{"type":"ping","id":"u1","data":{"t0":0}}'
         pytest.param(
             frame(OP_TEXT, PING_ENVELOPE, key=None), "pong", id="unmasked-frame-aiohttp-deviation"
         ),
-        pytest.param(close_frame(1006, b"x"), 1000, id="close-1006-aiohttp-deviation"),
-        pytest.param(close_frame(5000, b"x"), 1000, id="close-5000-aiohttp-deviation"),
-        pytest.param(close_frame(3000, b"x"), 1000, id="close-3000-answered-1000"),
+        pytest.param(close_frame(1006, b"x"), 1002, id="close-1006-refused"),
+        pytest.param(close_frame(5000, b"x"), 1002, id="close-5000-refused"),
+        pytest.param(close_frame(4321, b"x"), 4321, id="close-4321-echoed"),
+        pytest.param(close_frame(3000, b"x"), 3000, id="close-3000-echoed"),
         pytest.param(
             text(b'{"type":"ping","id":"u1","data":{"pad":"\xce\xba', fin=False),
             "silent",
@@ -681,8 +681,8 @@ PING_ENVELOPE = b'{"type":"ping","id":"u1","data":{"t0":0}}'
     ],
 )
 def test_deviations_are_the_hubs_own(echo_hub: EchoHub, data: bytes, expected: object) -> None:
-    """The deviations above are the stack's, not the echo endpoint's: the hub's own
-    endpoint (``/api/v1/ws``) behaves the same way."""
+    """The hub's own endpoint (``/api/v1/ws``) behaves as the echo endpoint does: the
+    remaining deviations are the stack's, and the close replies are the hub's."""
     token = mint_token(echo_hub.settings.jwt, "conformance")
     sock, head = handshake(echo_hub.port, f"/api/v1/ws?token={token}", timeout=READ_TIMEOUT)
     try:

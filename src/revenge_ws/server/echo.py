@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from aiohttp import WSMsgType, web
 
-from .ws import NODE
+from .ws import NODE, close_reply
 
 __all__ = ["echo_handler"]
 
@@ -21,11 +21,17 @@ async def echo_handler(request: web.Request) -> web.StreamResponse:
         # refuses sizes >= max_msg_size).
         max_msg_size=settings.limits.message_size + 1,
         autoping=True,
+        autoclose=False,  # the hub's reply to a close (close_reply), not aiohttp's
     )
     await ws.prepare(request)
-    async for msg in ws:
+    while True:
+        msg = await ws.receive()
         if msg.type is WSMsgType.TEXT:
             await ws.send_str(msg.data)
         elif msg.type is WSMsgType.BINARY:
             await ws.send_bytes(msg.data)
+        else:
+            if msg.type is WSMsgType.CLOSE:
+                await ws.close(code=close_reply(int(msg.data or 0)), drain=False)
+            break
     return ws

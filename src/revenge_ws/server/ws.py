@@ -25,7 +25,7 @@ from ..exceptions import AuthError, BrokerUnavailable, ProtocolError, StoreUnava
 from ..protocol import SUBPROTOCOL, now_ms
 from .errors import error_response
 
-__all__ = ["AiohttpTransport", "extract_token", "websocket_handler"]
+__all__ = ["AiohttpTransport", "close_reply", "extract_token", "websocket_handler"]
 
 log = logging.getLogger("revenge_ws.ws")
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
@@ -75,6 +75,20 @@ class AiohttpTransport:
                 await asyncio.wait_for(asyncio.shield(self._closer), CLOSE_TIMEOUT + 1)
 
 
+def close_reply(received: int) -> int:
+    """The code to answer a client's close frame with (RFC 6455 §5.5.1, §7.4).
+
+    The client's own code when it may be sent back; 1002 for one that must never be on
+    the wire (1005, 1006, 1015, below 1000, 5000 and above; aiohttp's reader refuses the
+    others itself); 1000 when the close carried no code (``received`` 0).
+    """
+    if received == 0:
+        return 1000
+    if received < 1000 or received in (1005, 1006, 1015) or received >= 5000:
+        return 1002  # protocol error
+    return received
+
+
 def extract_token(request: web.Request) -> str | None:
     """The token from, in this order: ``Authorization: Bearer``, ``?token=``, cookie."""
     header = request.headers.get("Authorization", "")
@@ -114,6 +128,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             # allows exactly message_size bytes and closes with 1009 only above it.
             max_msg_size=node.settings.limits.message_size + 1,
             autoping=False,
+            # The reply to a client's close is ours (close_reply): aiohttp's automatic
+            # one is always 1000 and lets 1006 and codes >= 5000 pass.
+            autoclose=False,
             timeout=CLOSE_TIMEOUT,
         )
         await ws.prepare(request)
@@ -146,6 +163,11 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                         conn.send(verdict.payload)
                 elif kind is WSMsgType.BINARY:
                     conn.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
+                elif kind is WSMsgType.CLOSE:
+                    received = int(msg.data or 0)
+                    conn.close(close_reply(received), "")
+                    conn.close_code = received or 1005  # what the client said (1005: none)
+                    break
                 else:
                     # CLOSE / CLOSING / CLOSED / ERROR (e.g. too big: aiohttp sent 1009).
                     if kind is WSMsgType.ERROR and ws.close_code is not None:
