@@ -279,3 +279,20 @@ async def test_key_value(subject: Subject) -> None:
 
 async def test_ping(subject: Subject) -> None:
     await subject.broker.ping()
+
+
+async def test_memory_kv_forgets_keys_when_they_expire_not_only_when_read() -> None:
+    """Idempotency keys are written for every publish and never read again: the memory
+    broker must drop them as they expire (not keep them until a 100,000-key sweep, which
+    looked like a leak in the soak), and keep what has not expired."""
+    now = [1000.0]
+    b = MemoryBroker(clock=lambda: now[0])
+    await b.set_value("revoked:u", "1", 30 * 24 * 3600)  # long-lived, written first
+    for i in range(1000):
+        await b.set_if_absent(f"idem:{i}", "x", 600)
+    await b.set_value("idem:0", "again", 600)  # an overwrite leaves a stale heap entry
+    now[0] += 601
+    await b.set_if_absent("idem:new", "x", 600)
+    assert set(b._kv) == {"revoked:u", "idem:new"}
+    assert len(b._kv_expiry) <= 3
+    assert await b.get_value("revoked:u") == "1"
