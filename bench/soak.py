@@ -311,7 +311,27 @@ async def sampler(
         await asyncio.sleep(min(interval, max(0.1, deadline - time.monotonic())))
 
 
-def start_hub(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+def history_config(workdir: Path, ttl: float) -> list[str]:
+    """``--config`` arguments that cap every history family's TTL at ``ttl`` seconds.
+
+    With the default TTLs (notifications keep an hour) the retained history grows for the
+    first hour by design, which a 30-minute soak cannot tell from a leak; with every TTL
+    below the warm-up, the retention windows are full before the measurement starts.
+    """
+    if ttl <= 0:
+        return []
+    from revenge_ws.config import HistorySettings
+
+    families = {
+        name: {"size": fam.size, "ttl": min(fam.ttl, ttl)}
+        for name, fam in HistorySettings().families.items()
+    }
+    path = workdir / "soak.yaml"
+    path.write_text(json.dumps({"history": {"families": families}}))  # JSON is YAML
+    return ["--config", str(path)]
+
+
+def start_hub(port: int, workdir: Path, history_ttl: float = 0.0) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REVENGE_")}
     env.update(
         {
@@ -329,7 +349,10 @@ def start_hub(port: int, workdir: Path) -> subprocess.Popen[bytes]:
     )
     log = open(workdir / "hub.log", "wb")  # noqa: SIM115 - closed by the caller's cleanup
     proc = subprocess.Popen(
-        [sys.executable, "-m", "revenge_ws", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "revenge_ws", *history_config(workdir, history_ttl), "serve"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -351,7 +374,7 @@ def run(args: argparse.Namespace) -> int:
     warmup = max(0.2 * seconds, 60.0) if seconds > 120 else 0.3 * seconds
     workdir = Path(tempfile.mkdtemp(prefix="revenge-soak-"))
     port = free_port()
-    hub = start_hub(port, workdir)
+    hub = start_hub(port, workdir, args.history_ttl)
     ctx = mp.get_context("spawn")
     out: Any = ctx.Queue()
     per = -(-args.connections // args.workers)
@@ -436,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--notify-rate", type=float, default=2.0, help="notifications/s")
     ap.add_argument("--quick", action="store_true", help="a 1-minute run, 5 s samples")
     ap.add_argument("--out", help="write the full result (with samples) as JSON")
+    ap.add_argument(
+        "--history-ttl",
+        type=float,
+        default=0.0,
+        help="cap every history family's TTL at this many seconds (0: the hub's defaults)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.minutes, args.interval = 1.0, 5.0

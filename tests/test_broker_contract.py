@@ -296,3 +296,24 @@ async def test_memory_kv_forgets_keys_when_they_expire_not_only_when_read() -> N
     assert set(b._kv) == {"revoked:u", "idem:new"}
     assert len(b._kv_expiry) <= 3
     assert await b.get_value("revoked:u") == "1"
+
+
+async def test_memory_history_expires_on_channels_nobody_reads() -> None:
+    """Past its TTL a publication leaves the history of a channel that is never read again
+    (the sweep runs during publishes, once a minute); the channel keeps its position, and
+    a channel left without history gives its deque back."""
+    from revenge_ws.broker import memory
+
+    now = [1000.0]
+    b = MemoryBroker(clock=lambda: now[0])
+    short, long = HistoryFamily(size=10, ttl=30), HistoryFamily(size=10, ttl=3600)
+    for _ in range(3):
+        await b.publish("library:once", "t", {}, short)
+    await b.publish("notifications:u", "t", {}, long)
+    before = await b.history("library:once", None, 10)
+    now[0] += memory.SWEEP_INTERVAL + 1
+    await b.publish("library:other", "t", {}, short)  # a publish runs the sweep
+    assert b._channels["library:once"].history is memory._NO_HISTORY
+    assert len(b._channels["notifications:u"].history) == 1  # not expired
+    after = await b.history("library:once", None, 10)
+    assert after.position == before.position and after.publications == []
