@@ -34,20 +34,13 @@ from revenge_ws.codes import ErrorCode
 from revenge_ws.exceptions import ConnectionClosed, RequestError, RequestTimeout
 from revenge_ws.protocol import StreamPosition, now_ms
 
-from .helpers import Hub
+from .helpers import Hub, until
 
 HubWith = Callable[..., AbstractAsyncContextManager[Hub]]
 CLIENT_DOC = Path(__file__).resolve().parent.parent / "docs" / "client.md"
 
 
 # -- helpers ---------------------------------------------------------------------------
-async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    """Poll ``predicate`` until true (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.01)
 
 
 async def take(

@@ -16,17 +16,9 @@ from revenge_ws.auth import mint_token
 from revenge_ws.client import Client
 
 from .faultproxy import FaultProxy
-from .helpers import API_KEY, Hub, HubProcess, make_settings, start_hub_process
+from .helpers import API_KEY, Hub, HubProcess, make_settings, start_hub_process, until
 
 HubWith = Callable[..., AbstractAsyncContextManager[Hub]]
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.01)
 
 
 def collect(client: Client, mtype: str) -> list[dict[str, Any]]:

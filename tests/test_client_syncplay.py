@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 from revenge_ws.client import Client
 from revenge_ws.client.syncplay import SyncPlayDriver
 
 from .faultproxy import FaultProxy
-from .helpers import Hub
+from .helpers import Hub, until
 
 CONTENT = {"type": "movie", "id": "m1"}
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.01)
 
 
 class WallPlayer:
