@@ -354,12 +354,7 @@ def raw_upgrade(port: int, path: str, rcvbuf: int = 4096, timeout: float = 5.0) 
             "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: revenge.v1\r\n\r\n"
         ).encode()
     )
-    head = b""
-    while b"\r\n\r\n" not in head and len(head) < 4096:
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        head += chunk
+    head = read_head(sock, 4096)
     if not head.startswith(b"HTTP/1.1 101"):
         sock.close()
         raise AssertionError(f"upgrade refused: {head[:200]!r}")
@@ -438,13 +433,18 @@ def handshake(
     }
     request = f"GET {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     sock.sendall((request + "\r\n").encode())
+    return sock, read_head(sock, 8192)
+
+
+def read_head(sock: socket.socket, limit: int) -> bytes:
+    """An HTTP response head, byte by byte so nothing after it is consumed."""
     head = b""
-    while b"\r\n\r\n" not in head and len(head) < 8192:
+    while b"\r\n\r\n" not in head and len(head) < limit:
         chunk = sock.recv(1)
         if not chunk:
             break
         head += chunk
-    return sock, head
+    return head
 
 
 class FrameReader:
