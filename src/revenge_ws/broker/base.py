@@ -136,6 +136,9 @@ class Broker(Protocol):
       a Redis that lost its data, a channel expired) means a new epoch, never a silent gap.
     * ``idempotency_key``: the same key within ``idempotency_ttl`` returns the first
       publication's position and publishes nothing.
+
+    An implementation whose calls never wait on I/O may set a class attribute
+    ``in_process = True``; the node then awaits them without its broker timeout.
     """
 
     @property

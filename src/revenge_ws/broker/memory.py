@@ -92,6 +92,10 @@ class MemoryBroker:
     dropped first: that channel's next subscriber sees a new epoch).
     """
 
+    #: Its calls complete without waiting on I/O, so the node awaits them without a
+    #: timeout (``Node.call``). A broker that does I/O leaves this unset.
+    in_process = True
+
     def __init__(
         self,
         *,
