@@ -17,22 +17,26 @@ bench/baseline_aiohttp.py --port 8100 --core 0``.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import os
-import resource
 import secrets
-import signal
-from datetime import UTC, datetime
+import sys
+from pathlib import Path
 
 import orjson
 from aiohttp import WSMsgType, web
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: python bench/baseline_*.py
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import (  # noqa: E402
+    hub_envelope,
+    pin,
+    raise_nofile,
+    run_loop,
+    serve_until_signalled,
+)
+
 EPOCH = secrets.token_hex(4)
-
-
-def rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def build_app(mode: str) -> web.Application:
@@ -55,16 +59,7 @@ def build_app(mode: str) -> web.Application:
     async def publish(request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
         state["seq"] += 1
-        payload = orjson.dumps(
-            {
-                "type": body["type"],
-                "channel": body["channel"],
-                "seq": state["seq"],
-                "epoch": EPOCH,
-                "timestamp": rfc3339(),
-                "data": body.get("data", {}),
-            }
-        )
+        payload = orjson.dumps(hub_envelope(body, state["seq"], EPOCH))
         n = 0
         if mode == "frame":
             for ws in list(clients):
@@ -92,39 +87,15 @@ def build_app(mode: str) -> web.Application:
     return app
 
 
-async def serve(port: int, mode: str) -> None:
-    runner = web.AppRunner(build_app(mode), access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096, reuse_address=True)
-    await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(runner.cleanup(), 5)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--core", type=int, default=None, help="pin the process to this CPU")
     ap.add_argument("--mode", choices=("frame", "str"), default="frame")
     args = ap.parse_args()
-    if args.core is not None:
-        os.sched_setaffinity(0, {args.core})
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(args.port, args.mode))
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(args.port, args.mode))
+    pin({args.core} if args.core is not None else None)
+    raise_nofile()
+    run_loop(serve_until_signalled(lambda: build_app(args.mode), args.port))
 
 
 if __name__ == "__main__":

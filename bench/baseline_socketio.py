@@ -13,25 +13,29 @@ bench/baseline_socketio.py --port 8200 --core 0`` (needs ``pip install python-so
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import os
-import resource
 import secrets
-import signal
-from datetime import UTC, datetime
+import sys
+from pathlib import Path
 from typing import Any
 
 import orjson
 import socketio
 from aiohttp import web
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: python bench/baseline_*.py
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import (  # noqa: E402
+    hub_envelope,
+    pin,
+    raise_nofile,
+    run_loop,
+    serve_until_signalled,
+)
+
 EPOCH = secrets.token_hex(4)
 ROOM = "bench"
-
-
-def rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def build_app() -> web.Application:
@@ -51,15 +55,7 @@ def build_app() -> web.Application:
     async def publish(request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
         state["seq"] += 1
-        envelope = {
-            "type": body["type"],
-            "channel": body["channel"],
-            "seq": state["seq"],
-            "epoch": EPOCH,
-            "timestamp": rfc3339(),
-            "data": body.get("data", {}),
-        }
-        await sio.emit("pub", envelope, room=ROOM)
+        await sio.emit("pub", hub_envelope(body, state["seq"], EPOCH), room=ROOM)
         return web.Response(
             body=orjson.dumps({"seq": state["seq"]}), content_type="application/json"
         )
@@ -70,38 +66,14 @@ def build_app() -> web.Application:
     return app
 
 
-async def serve(port: int) -> None:
-    runner = web.AppRunner(build_app(), access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096, reuse_address=True)
-    await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(runner.cleanup(), 5)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--core", type=int, default=None, help="pin the process to this CPU")
     args = ap.parse_args()
-    if args.core is not None:
-        os.sched_setaffinity(0, {args.core})
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(args.port))
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(args.port))
+    pin({args.core} if args.core is not None else None)
+    raise_nofile()
+    run_loop(serve_until_signalled(build_app, args.port))
 
 
 if __name__ == "__main__":

@@ -115,6 +115,44 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
+def hub_envelope(body: dict[str, Any], seq: int, epoch: str) -> dict[str, Any]:
+    """The envelope the hub builds for a publish body ``{channel, type, data}``: the
+    baselines send the same bytes per message as the hub."""
+    from datetime import UTC, datetime
+
+    stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return {
+        "type": body["type"],
+        "channel": body["channel"],
+        "seq": seq,
+        "epoch": epoch,
+        "timestamp": stamp,
+        "data": body.get("data", {}),
+    }
+
+
+async def serve_until_signalled(build_app: Callable[[], Any], port: int) -> None:
+    """Serve the aiohttp app ``build_app()`` makes on 127.0.0.1:``port`` until SIGTERM
+    or SIGINT (the baseline servers)."""
+    import signal
+
+    from aiohttp import web
+
+    runner = web.AppRunner(build_app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, HOST, port, backlog=4096, reuse_address=True)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(runner.cleanup(), 5)
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted sequence (0 when empty)."""
     if not sorted_values:

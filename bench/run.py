@@ -366,6 +366,20 @@ class Bench:
         if lp in self.cleanup.loads:
             self.cleanup.loads.remove(lp)
 
+    async def stop_loads(self, procs: list[LoadProc]) -> None:
+        """Ask every load process to stop, then wait for each."""
+        for lp in procs:
+            lp.send("stop")
+        for lp in procs:
+            await self.done(lp)
+
+    async def kill_loads(self, procs: list[LoadProc]) -> None:
+        """Kill what is still running (after a failure) and forget it."""
+        for lp in procs:
+            await lp.kill()
+            if lp in self.cleanup.loads:
+                self.cleanup.loads.remove(lp)
+
     # -- fan-out and latency -------------------------------------------------------------
     async def fanout(
         self, kind: str, profile: bool = False, latency: bool = True
@@ -548,16 +562,10 @@ class Bench:
             }
             if spy:
                 res["profile"] = await self.finish_pyspy(spy)
-            for lp in procs:
-                lp.send("stop")
-            for lp in procs:
-                await self.done(lp)
+            await self.stop_loads(procs)
             return res
         finally:
-            for lp in procs:
-                await lp.kill()
-                if lp in self.cleanup.loads:
-                    self.cleanup.loads.remove(lp)
+            await self.kill_loads(procs)
             await self.stop_server(server)
 
     # -- reconnect storm ------------------------------------------------------------------
@@ -653,16 +661,10 @@ class Bench:
                 "policy": "revenge_ws.client.reconnect_delay defaults: 1012 → first attempt "
                 "uniform over 5 s, then full-jitter backoff 0.5–20 s; 503 → Retry-After + spread",
             }
-            for lp in procs:
-                lp.send("stop")
-            for lp in procs:
-                await self.done(lp)
+            await self.stop_loads(procs)
             return res
         finally:
-            for lp in procs:
-                await lp.kill()
-                if lp in self.cleanup.loads:
-                    self.cleanup.loads.remove(lp)
+            await self.kill_loads(procs)
             await self.stop_server(server)
             if new_server is not None:
                 await self.stop_server(new_server)
