@@ -53,13 +53,15 @@ def pin(core_set: set[int] | None) -> None:
             os.sched_setaffinity(0, core_set)
 
 
-def raise_nofile() -> int:
-    """Raise the open-files soft limit to the hard limit; returns the new soft limit."""
+def raise_nofile(want: int = 0) -> int:
+    """Raise the open-files soft limit to the hard limit (to ``want`` when the hard limit
+    is unlimited); returns the new soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, want)
+    if soft < target:
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
     return soft
 
 
@@ -76,6 +78,18 @@ def proc_rss(pid: int) -> int:
     """Resident set size in bytes (VmRSS)."""
     with open(f"/proc/{pid}/statm", "rb") as fh:
         return int(fh.read().split()[1]) * PAGE
+
+
+def sched_wait(pid: int | str = "self") -> float:
+    """Seconds the process' threads spent runnable but waiting for a CPU
+    (``/proc/PID/task/*/schedstat``, field 2): high means the machine was saturated."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            path = f"/proc/{pid}/task/{task}/schedstat"
+            with contextlib.suppress(OSError, ValueError, IndexError), open(path, "rb") as fh:
+                total += int(fh.read().split()[1])
+    return total / 1e9
 
 
 def self_cpu() -> float:
@@ -113,6 +127,28 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
+
+
+def emit_results(
+    results: dict[str, Any],
+    md: str,
+    *,
+    silent: bool,
+    json_path: Path | None,
+    md_path: Path | None,
+) -> None:
+    """Print a standalone bench's Markdown table and errors, and write its files."""
+    import json
+
+    if not silent:
+        print()
+        print(md)
+        for err in results["errors"]:
+            print("ERROR:", err)
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=1))
+    if md_path:
+        md_path.write_text(md + "\n")
 
 
 def hub_envelope(body: dict[str, Any], seq: int, epoch: str) -> dict[str, Any]:

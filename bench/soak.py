@@ -32,7 +32,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import resource
 import shutil
 import signal
 import socket
@@ -43,24 +42,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import HOST, free_port, raise_nofile
+
 SECRET = "soak-secret-" + "x" * 40
 API_KEY = "soak-api-key-0123456789"
-HOST = "127.0.0.1"
 LIBRARIES = 20
-
-
-def raise_nofile() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def mint(sub: str) -> str:

@@ -42,10 +42,8 @@ import contextlib
 import json
 import os
 import random
-import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,48 +57,22 @@ if str(ROOT) not in sys.path:
 
 from tests.helpers import API_KEY, SECRET, HubProcess, free_port, make_settings  # noqa: E402
 
+from bench.common import (  # noqa: E402
+    emit_results,
+    loadavg,
+    percentile,
+    proc_rss,
+    raise_nofile,
+    run_loop,
+    sched_wait,
+    self_cpu,
+)
+from bench.common import proc_cpu as proc_user_system  # noqa: E402
 from revenge_ws.auth import mint_token  # noqa: E402
 from revenge_ws.client import Client  # noqa: E402
 from revenge_ws.client.syncplay import Timeline  # noqa: E402
 
 CONTENT = {"type": "movie", "id": "bench-rooms"}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def raise_nofile(want: int) -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, want)
-    if soft < target:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-    return soft
-
-
-def proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process (all threads)."""
-    with open(f"/proc/{pid}/stat", "rb") as fh:
-        raw = fh.read()
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def proc_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/statm", "rb") as fh:
-        return int(fh.read().split()[1]) * PAGE
-
-
-def sched_wait(pid: int | str) -> float:
-    """Seconds the process' threads spent runnable but waiting for a CPU
-    (``/proc/PID/task/*/schedstat``, field 2): high means the machine was saturated."""
-    total = 0
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            path = f"/proc/{pid}/task/{task}/schedstat"
-            with contextlib.suppress(OSError, ValueError, IndexError), open(path, "rb") as fh:
-                total += int(fh.read().split()[1])
-    return total / 1e9
 
 
 def split_cores() -> tuple[set[int] | None, set[int] | None]:
@@ -118,23 +90,6 @@ def pin_process(pid: int, cores: set[int]) -> None:
         for task in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(int(task), cores)
-
-
-def self_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile of a sorted list (0 when empty)."""
-    if not values:
-        return 0.0
-    k = max(0, min(len(values) - 1, round(q / 100.0 * len(values) + 0.5) - 1))
-    return float(values[k])
-
-
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def user_of(room: int, member: int) -> str:
@@ -224,16 +179,7 @@ def start_hub(
         )
     finally:
         os.close(fd)
-    hub = HubProcess(proc, port, full, Path(log_name))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"hub exited with {proc.returncode}:\n{hub.log()[-2000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return hub
-        time.sleep(0.05)
-    hub.stop(signal.SIGKILL)
-    raise RuntimeError(f"hub did not start in {timeout}s:\n{hub.log()[-2000:]}")
+    return HubProcess(proc, port, full, Path(log_name)).wait_ready(timeout, log_tail=2000)
 
 
 def hook_times(hub: HubProcess) -> dict[str, Any]:
@@ -650,16 +596,6 @@ async def worker_main(max_lifetime: float) -> None:
             await w.close()
 
 
-def _run_loop(coro: Any) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(coro)
-
-
 # =========================================================================== coordinator
 class WorkerProc:
     def __init__(self, index: int) -> None:
@@ -906,7 +842,7 @@ async def measure_phase(
         )
     await asyncio.sleep(max(0.0, start_at - time.time()))
     load0 = loadavg()
-    cpu0, wait0, wall0 = proc_cpu(pid), sched_wait(pid), time.monotonic()
+    cpu0, wait0, wall0 = sum(proc_user_system(pid)), sched_wait(pid), time.monotonic()
     t_start = time.time()
     rss0 = proc_rss(pid)
     log(
@@ -941,7 +877,7 @@ async def measure_phase(
     sampler = asyncio.create_task(sample_load())
     try:
         await asyncio.sleep(args.duration)
-        cpu1, wait1, wall1 = proc_cpu(pid), sched_wait(pid), time.monotonic()
+        cpu1, wait1, wall1 = sum(proc_user_system(pid)), sched_wait(pid), time.monotonic()
         t_end = time.time()
         rss1 = proc_rss(pid)
         got = await asyncio.gather(*(w.expect("measured", args.duration + 120) for w in workers))
@@ -1242,19 +1178,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.nice:
             with contextlib.suppress(OSError):
                 os.nice(args.nice)
-        _run_loop(worker_main(args.max_lifetime))
+        run_loop(worker_main(args.max_lifetime))
         return 0
     results = asyncio.run(run_bench(args))
-    md = render(results)
-    if not args.silent:
-        print()
-        print(md)
-        for err in results["errors"]:
-            print("ERROR:", err)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
-    if args.md:
-        args.md.write_text(md + "\n")
+    emit_results(results, render(results), silent=args.silent, json_path=args.json, md_path=args.md)
     phases = results.get("phases") or []
     ok = (
         bool(phases)

@@ -56,6 +56,7 @@ if str(ROOT) not in sys.path:
 from tests.faultproxy import FaultProxy  # noqa: E402
 from tests.helpers import HubProcess, make_settings, start_hub_process  # noqa: E402
 
+from bench.common import emit_results, sched_wait  # noqa: E402
 from revenge_ws.auth import mint_token  # noqa: E402
 from revenge_ws.client import Client  # noqa: E402
 from revenge_ws.client.syncplay import SyncController  # noqa: E402
@@ -78,18 +79,6 @@ HUB_ENV = {
 # --------------------------------------------------------------------------- clocks
 def true_ms() -> float:
     return time.time() * 1000.0
-
-
-# --------------------------------------------------------------------------- noise
-def sched_wait_s() -> float:
-    """Seconds this process' threads spent runnable but not running (schedstat)."""
-    total = 0
-    with contextlib.suppress(OSError):
-        for task in os.listdir("/proc/self/task"):
-            path = f"/proc/self/task/{task}/schedstat"
-            with contextlib.suppress(OSError, ValueError, IndexError), open(path, "rb") as fh:
-                total += int(fh.read().split()[1])
-    return total / 1e9
 
 
 class LagMonitor:
@@ -559,7 +548,7 @@ async def run_scenario(
             issuer = members[(k * 7) % len(members)]
             assert issuer.client is not None
             lag.take()
-            wait0 = sched_wait_s()
+            wait0 = sched_wait()
             sent_at = true_ms()
             ack = await issuer.run_in_ctx(
                 issuer.client.request(mtype, {"room_id": room_id, **extra}, timeout=10), 15
@@ -580,7 +569,7 @@ async def run_scenario(
                 issuer=issuer.idx,
                 complete=got,
                 loop_lag_max_ms=lag.take(),
-                sched_wait_ms=round((sched_wait_s() - wait0) * 1000.0, 1),
+                sched_wait_ms=round((sched_wait() - wait0) * 1000.0, 1),
             )
             if label == "pause":
                 for key in ("spread_ms", "ntp_spread_ms", "timer_err_max_ms", "timer_spread_ms"):
@@ -883,16 +872,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(proxy_worker(args.max_lifetime))
         return 0
     results = asyncio.run(run_bench(args))
-    md = render(results)
-    if not args.silent:
-        print()
-        print(md)
-        for err in results["errors"]:
-            print("ERROR:", err)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
-    if args.md:
-        args.md.write_text(md + "\n")
+    emit_results(results, render(results), silent=args.silent, json_path=args.json, md_path=args.md)
     ok = bool(results["runs"]) and all(r["all_before_when"] for r in results["runs"])
     return 0 if ok and not results["errors"] else 1
 

@@ -245,6 +245,28 @@ class HubProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_ready(self, timeout: float, log_tail: int | None = None) -> HubProcess:
+        """Wait until the port accepts connections; kill the process and raise (with the
+        end of its log) when it exits or does not listen within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"hub exited with {self.proc.returncode}:\n{self._tail(log_tail)}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2),
+            ):
+                return self
+            time.sleep(0.05)
+        self.stop(signal.SIGKILL)
+        raise RuntimeError(f"hub did not start in {timeout}s:\n{self._tail(log_tail)}")
+
+    def _tail(self, n: int | None) -> str:
+        text = self.log()
+        return text if n is None else text[-n:]
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -281,16 +303,7 @@ def start_hub_process(
         stderr=subprocess.STDOUT,
     )
     log_file.close()
-    hp = HubProcess(proc, port, full, Path(log_name))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"hub exited with {proc.returncode}:\n{hp.log()}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return hp
-        time.sleep(0.05)
-    hp.stop(signal.SIGKILL)
-    raise RuntimeError(f"hub did not start in {timeout}s:\n{hp.log()}")
+    return HubProcess(proc, port, full, Path(log_name)).wait_ready(timeout)
 
 
 @contextlib.contextmanager
