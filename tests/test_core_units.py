@@ -347,10 +347,10 @@ def test_hub_fanout_dedupe_gap_and_pending() -> None:
     assert len(hub) == 0 and hub.deliver(pub("activity", 4)) == 0
 
 
-def test_hub_fast_path_one_flush_per_iteration_and_the_slow_path_still_guards() -> None:
-    """Deliveries through the node's Flusher (the inlined common case) are written by ONE
-    loop callback, coalesced per connection; a connection without a flusher, a closed
-    one and one near its outbox limit take the general path with its checks."""
+def test_hub_fanout_one_flush_per_iteration_and_the_outbox_checks_hold() -> None:
+    """Deliveries through the node's Flusher are written by ONE loop callback, coalesced
+    per connection; a connection without a flusher flushes on its own, a closed one gets
+    nothing and one whose transport is full is closed as a slow consumer."""
     hub = Hub()
     loop = FakeLoop()
     flusher = Flusher(loop)

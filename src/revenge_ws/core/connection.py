@@ -18,7 +18,7 @@ from ..protocol import frame_text
 from .outbox import Outbox
 from .session import Session
 
-__all__ = ["NO_CHECK_SLACK", "Connection", "Flusher", "Loop", "SubState", "Transport"]
+__all__ = ["Connection", "Flusher", "Loop", "SubState", "Transport"]
 
 #: Above this many bytes in the transport's own buffer we stop writing and let the
 #: outbox hold (and conflate) frames until the kernel takes more.
@@ -31,7 +31,7 @@ RETRY_DELAY = 0.01
 
 #: A push this far below the outbox limit cannot fail whatever the transport holds
 #: (flush never lets the transport hold more than HIGH_WATER + WRITE_CHUNK + a ping).
-NO_CHECK_SLACK = HIGH_WATER + WRITE_CHUNK + 4096
+_NO_CHECK_SLACK = HIGH_WATER + WRITE_CHUNK + 4096
 
 
 class Flusher:
@@ -47,12 +47,6 @@ class Flusher:
 
     def add(self, conn: Connection) -> None:
         self._pending.append(conn)
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._run)
-
-    def schedule(self) -> None:
-        """Make sure a run is scheduled (after connections were appended directly)."""
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._run)
@@ -136,7 +130,7 @@ class Connection:
         if self.closed:
             return False
         ob = self.outbox
-        if ob.nbytes + len(frame) <= ob.limit - NO_CHECK_SLACK:
+        if ob.nbytes + len(frame) <= ob.limit - _NO_CHECK_SLACK:
             ob.append(frame)
         elif not ob.push(frame, extra=self.transport.buffered()):
             self._slow()
