@@ -431,8 +431,7 @@ class Node:
             for ch in emptied:
                 await self.call(self.broker.unsubscribe(ch))
             for ch in channels:
-                if not is_personal(ch):
-                    await self.call(self.broker.presence.remove(ch, conn.session_id))
+                await self._presence_remove(ch, conn.session_id)
         if remaining == 0:
             await self._run_hooks(list(self.on_user_offline), conn, "offline")
 
@@ -590,7 +589,7 @@ class Node:
         info = PresenceInfo(conn.user_id, conn.claims.display_name, self.node_id)
         await self.call(self.broker.presence.add(name, conn.session_id, info))
         if conn.closed or name not in conn.subs:  # removed while the add was in flight
-            await self.call(self.broker.presence.remove(name, conn.session_id))
+            await self._presence_remove(name, conn.session_id)
 
     async def _subscribe(self, req: Request) -> dict[str, Any]:
         items = req.data.get("channels")
@@ -648,9 +647,13 @@ class Node:
         if self.hub.unsubscribe(conn, name):
             with contextlib.suppress(BrokerUnavailable):
                 await self.call(self.broker.unsubscribe(name))
+        with contextlib.suppress(BrokerUnavailable):
+            await self._presence_remove(name, conn.session_id)
+
+    async def _presence_remove(self, name: str, session_id: str) -> None:
+        # Personal channels keep no entries (their presence is the connection count).
         if not is_personal(name):
-            with contextlib.suppress(BrokerUnavailable):
-                await self.call(self.broker.presence.remove(name, conn.session_id))
+            await self.call(self.broker.presence.remove(name, session_id))
 
     async def presence(self, channel: str) -> list[dict[str, Any]]:
         """Who is on ``channel`` (cluster-wide): ``[{user_id, name, connections}]``.
