@@ -5,9 +5,14 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..codes import ErrorCode
+from ..exceptions import BrokerUnavailable, StoreUnavailable
 from ..protocol import encode
 
-__all__ = ["STATUS", "error_response"]
+__all__ = ["STATUS", "UNAVAILABLE_ERRORS", "error_response", "unavailable_response"]
+
+#: Failures of a dependency (broker, store, a timeout on either): the request may be
+#: repeated, so they are answered 503 ``UNAVAILABLE``, never 500.
+UNAVAILABLE_ERRORS = (BrokerUnavailable, StoreUnavailable, TimeoutError)
 
 STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_JSON: 400,
@@ -35,3 +40,8 @@ def error_response(
         content_type="application/json",
         headers=headers,
     )
+
+
+def unavailable_response() -> web.Response:
+    """The answer to one of :data:`UNAVAILABLE_ERRORS`: 503, retry in a second."""
+    return error_response(ErrorCode.UNAVAILABLE, "temporarily unavailable", retry_after=1)

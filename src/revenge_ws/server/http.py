@@ -27,10 +27,9 @@ from ..exceptions import (
     AuthError,
     BrokerUnavailable,
     ProtocolError,
-    StoreUnavailable,
 )
 from ..protocol import StreamPosition, now_ms
-from .errors import error_response
+from .errors import UNAVAILABLE_ERRORS, error_response, unavailable_response
 from .ws import NODE, extract_token, websocket_handler
 
 __all__ = [
@@ -152,9 +151,9 @@ async def _answer_errors(request: web.Request, handler: Handler) -> web.StreamRe
         return await _answer_and_close(request, exc)
     except ProtocolError as exc:
         return error_response(exc.code, exc.message)
-    except (BrokerUnavailable, StoreUnavailable, TimeoutError) as exc:
+    except UNAVAILABLE_ERRORS as exc:
         log.warning("%s %s: unavailable: %s", request.method, request.path, exc)
-        return error_response(ErrorCode.UNAVAILABLE, "temporarily unavailable", retry_after=1)
+        return unavailable_response()
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json":
             code = {

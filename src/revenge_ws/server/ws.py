@@ -21,9 +21,9 @@ from ..auth import Claims
 from ..codes import CloseCode, ErrorCode
 from ..core.node import Node
 from ..core.session import Close
-from ..exceptions import AuthError, BrokerUnavailable, ProtocolError, StoreUnavailable
+from ..exceptions import AuthError, ProtocolError
 from ..protocol import SUBPROTOCOL, now_ms
-from .errors import error_response
+from .errors import UNAVAILABLE_ERRORS, error_response, unavailable_response
 
 __all__ = ["AiohttpTransport", "close_reply", "extract_token", "websocket_handler"]
 
@@ -113,10 +113,10 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
     try:
         admitted = await _admit(request, node)
-    except (BrokerUnavailable, StoreUnavailable, TimeoutError) as exc:
+    except UNAVAILABLE_ERRORS as exc:
         log.warning("handshake refused: unavailable: %s", exc)
         node.observer.handshake_refused(ErrorCode.UNAVAILABLE.value)
-        return error_response(ErrorCode.UNAVAILABLE, "temporarily unavailable", retry_after=1)
+        return unavailable_response()
     if isinstance(admitted, web.Response):
         return admitted
     claims, session_id, extra, room_id = admitted
