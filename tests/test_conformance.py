@@ -4,14 +4,17 @@ Autobahn cannot run on this machine class (its fuzzing client needs Python 2 or 
 these cases mirror its sections (1 framing, 2 pings/pongs, 3 reserved bits, 4 opcodes,
 5 fragmentation, 6 UTF-8, 7 close, 9 a small performance smoke) with raw frames on a real
 socket against the conformance echo endpoint ``/debug/echo`` (``REVENGE_DEBUG_ECHO=1``), which
-runs on the hub's own WebSocket stack (aiohttp) and limits.
+runs on the hub's own WebSocket stack and limits — once for each engine
+(``server.ws_engine``): ``direct`` (websockets' sans-I/O protocol, the default) and
+``aiohttp``.
 
-Every case asserts what RFC 6455 requires, except where the stack deviates: those cases
-assert what the hub actually does, carry an id ending in ``-aiohttp-deviation`` and are
-listed in docs/reliability.md ("RFC 6455 conformance (our Autobahn-style suite)").
+Every case asserts what RFC 6455 requires, except where aiohttp deviates: those cases assert
+what the ``aiohttp`` engine actually does, carry an id ending in ``-aiohttp-deviation`` and are
+listed in docs/reliability.md ("RFC 6455 conformance (our Autobahn-style suite)"); the
+``direct`` engine is held to the RFC in the same cases.
 
-The hub runs once for the module, in a thread with its own event loop; the cases are plain
-blocking-socket code with a timeout on every read, and every socket is closed.
+The hub runs once per engine for the module, in a thread with its own event loop; the cases
+are plain blocking-socket code with a timeout on every read, and every socket is closed.
 """
 
 from __future__ import annotations
@@ -60,12 +63,15 @@ class EchoHub:
     #: ``limits.message_size``: a message of exactly this many bytes passes.
     limit: int
     settings: Settings
+    #: ``server.ws_engine``: "direct" or "aiohttp".
+    engine: str = "direct"
 
 
-@pytest.fixture(scope="module")
-def echo_hub() -> Iterator[EchoHub]:
+@pytest.fixture(scope="module", params=["direct", "aiohttp"])
+def echo_hub(request: pytest.FixtureRequest) -> Iterator[EchoHub]:
     """One in-process hub with the echo endpoint on, in a thread with its own loop."""
-    settings = make_settings({"REVENGE_DEBUG_ECHO": "1"})
+    engine: str = request.param
+    settings = make_settings({"REVENGE_DEBUG_ECHO": "1", "REVENGE_SERVER_WS_ENGINE": engine})
     started = threading.Event()
     box: dict[str, Any] = {}
 
@@ -89,7 +95,7 @@ def echo_hub() -> Iterator[EchoHub]:
     if "error" in box:
         raise box["error"]
     try:
-        yield EchoHub(box["port"], settings.limits.message_size, settings)
+        yield EchoHub(box["port"], settings.limits.message_size, settings, engine)
     finally:
         box["loop"].call_soon_threadsafe(box["done"].set)
         thread.join(30)
@@ -274,8 +280,12 @@ def test_1_zero_mask_key_and_several_frames_in_one_write(echo_hub: EchoHub) -> N
 def test_1_unmasked_client_frame_aiohttp_deviation(echo_hub: EchoHub) -> None:
     """RFC 6455 §5.1: a server MUST close the connection on an unmasked client frame (1002).
     aiohttp deviation: it ignores the MASK bit and echoes the frame."""
-    out = exchange(echo_hub, frame(OP_TEXT, b"unmasked", key=None), close_after=True)
-    assert_echo(out, [(OP_TEXT, b"unmasked")])  # RFC: assert_failed(out, 1002)
+    aiohttp = echo_hub.engine == "aiohttp"
+    out = exchange(echo_hub, frame(OP_TEXT, b"unmasked", key=None), close_after=aiohttp)
+    if aiohttp:
+        assert_echo(out, [(OP_TEXT, b"unmasked")])
+    else:
+        assert_failed(out, 1002)
 
 
 # -- 2 pings and pongs ------------------------------------------------------------------------
@@ -520,7 +530,10 @@ def test_6_4_invalid_fragment_no_fail_fast_aiohttp_deviation(echo_hub: EchoHub) 
         with pytest.raises(TimeoutError):  # valid so far: no answer is right
             reader.next(0.3)
         send(sock, cont(b"\xf4\x90\x80\x80", fin=False))
-        with pytest.raises(TimeoutError):  # RFC (strict): a close 1007 here, at once
+        if echo_hub.engine == "direct":  # RFC (strict): a close 1007 here, at once
+            assert_failed(read_outcome(sock, reader, closed_by_us=False), 1007)
+            return
+        with pytest.raises(TimeoutError):
             reader.next(0.5)
         send(sock, cont(b"edited"))
         assert_failed(read_outcome(sock, reader, closed_by_us=False), 1007)
@@ -540,11 +553,12 @@ def client_close(hub: EchoHub, data: bytes) -> Outcome:
 
 
 def test_7_close_without_payload(echo_hub: EchoHub) -> None:
-    """7.3.1: a close with no payload is answered with a close (aiohttp's carries 1000;
-    RFC 6455 §5.5.1 lets the reply carry any code, §7.4.1 forbids putting 1005 on the
-    wire) and the server closes TCP."""
+    """7.3.1: a close with no payload is answered with a close (aiohttp's carries 1000; the
+    direct engine echoes the empty one, read as 1005; RFC 6455 §5.5.1 allows both, §7.4.1
+    forbids putting 1005 on the wire) and the server closes TCP."""
     out = client_close(echo_hub, close_frame(None))
-    assert out.frames == [] and out.close == 1000 and out.eof and not out.bad_headers
+    expected = 1000 if echo_hub.engine == "aiohttp" else 1005
+    assert out.frames == [] and out.close == expected and out.eof and not out.bad_headers
 
 
 def test_7_text_then_close(echo_hub: EchoHub) -> None:
@@ -691,7 +705,9 @@ def test_deviations_are_the_hubs_own(echo_hub: EchoHub, data: bytes, expected: o
         welcome = reader.next(READ_TIMEOUT)
         assert welcome is not None and orjson.loads(welcome[1])["type"] == "welcome"
         send(sock, data)
-        if expected == "pong":
+        if expected == "pong" and echo_hub.engine == "direct":  # the RFC, not the deviation
+            assert read_outcome(sock, reader, closed_by_us=False).close == 1002
+        elif expected == "pong":
             assert reader.reply("u1", READ_TIMEOUT)["type"] == "pong"
         elif expected == "silent":
             with pytest.raises(TimeoutError):

@@ -30,6 +30,7 @@ from .features.notifications import install as install_notifications
 from .features.syncplay import install as install_syncplay
 from .features.transcode import TranscodeBody
 from .features.transcode import install as install_transcode
+from .server.direct import Engine
 from .server.http import (
     PROBES,
     REGISTRY,
@@ -207,8 +208,13 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    engine = (
+        Engine(app[NODE], echo=settings.debug.echo)
+        if settings.server.ws_engine == "direct"
+        else None
+    )
     server = await loop.create_server(
-        _guarded(runner, settings.server.handshake_timeout),
+        _guarded(runner, settings.server.handshake_timeout, engine),
         settings.server.host,
         settings.server.port,
         reuse_address=True,
@@ -260,23 +266,45 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+#: A first request head longer than this goes to aiohttp, which answers it (431/400).
+HEAD_LIMIT = 16 * 1024
+
+
 class _FirstRequestDeadline(asyncio.Protocol):
-    """Wraps aiohttp's protocol: a socket that has not sent a complete request within
-    the handshake timeout is dropped (slowloris)."""
+    """The listener's protocol until a socket's first request is known.
 
-    __slots__ = ("_deadline", "_inner", "_timeout")
+    A socket that has not sent a complete request within the handshake timeout is
+    dropped (slowloris). When the first request is a WebSocket upgrade that the direct
+    engine serves (``server.ws_engine``), the socket is handed to it and aiohttp never
+    sees it; otherwise aiohttp's protocol gets everything, this object staying in front
+    only to pass calls through (its deadline ends when aiohttp's handler is reached).
+    """
 
-    def __init__(self, inner: Any, timeout: float) -> None:
-        self._inner = inner
+    __slots__ = ("_buf", "_deadline", "_engine", "_factory", "_inner", "_timeout", "_transport")
+
+    def __init__(self, factory: Callable[[], Any], timeout: float, engine: Engine | None) -> None:
+        self._factory = factory
+        self._inner: Any = None
+        self._engine = engine
         self._timeout = timeout
         self._deadline: asyncio.TimerHandle | None = None
+        self._transport: Any = None
+        self._buf = b""
 
     def connection_made(self, transport: Any) -> None:
-        # aiohttp's own connection_made already turns Nagle off for small frames.
-        self._inner.connection_made(transport)
+        self._transport = transport
         self._deadline = asyncio.get_running_loop().call_later(
             self._timeout, self._check, transport
         )
+        if self._engine is None:
+            self._delegate(b"")
+
+    def _delegate(self, data: bytes) -> None:
+        # aiohttp's own connection_made turns Nagle off for small frames.
+        self._inner = self._factory()
+        self._inner.connection_made(self._transport)
+        if data:
+            self._inner.data_received(data)
 
     def _check(self, transport: Any) -> None:
         self._deadline = None
@@ -291,9 +319,35 @@ class _FirstRequestDeadline(asyncio.Protocol):
             self._deadline = None
 
     def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
+        if self._inner is not None:
+            self._inner.data_received(data)
+            return
+        buf = self._buf + data if self._buf else data
+        # Only a GET can be an upgrade: anything else goes to aiohttp at its first byte.
+        if b"GET "[: len(buf)] != buf[:4]:
+            self._buf = b""
+            self._delegate(buf)
+            return
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > HEAD_LIMIT:
+                self._buf = b""
+                self._delegate(buf)
+            else:
+                self._buf = buf
+            return
+        self._buf = b""
+        head = buf[: end + 4]
+        assert self._engine is not None
+        if self._engine.wants(head):
+            self.request_seen()
+            self._engine.take(self._transport, head, buf[end + 4 :])
+        else:
+            self._delegate(buf)
 
     def eof_received(self) -> bool | None:
+        if self._inner is None:
+            return None  # nothing to answer: the transport closes
         result: bool | None = self._inner.eof_received()
         return result
 
@@ -303,20 +357,24 @@ class _FirstRequestDeadline(asyncio.Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        self._inner.connection_lost(exc)
+        if self._inner is not None:
+            self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self._inner.pause_writing()
+        if self._inner is not None:
+            self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self._inner.resume_writing()
+        if self._inner is not None:
+            self._inner.resume_writing()
 
 
-def _guarded(runner: web.AppRunner, timeout: float) -> Callable[[], Any]:
-    """The aiohttp protocol factory, with a deadline for a socket's first request."""
+def _guarded(runner: web.AppRunner, timeout: float, engine: Engine | None) -> Callable[[], Any]:
+    """The listener's protocol factory: the first-request deadline in front of aiohttp's
+    protocol, and the direct WebSocket engine when it is on."""
     factory = runner.server
     assert factory is not None
-    return lambda: _FirstRequestDeadline(factory(), timeout)
+    return lambda: _FirstRequestDeadline(factory, timeout, engine)
 
 
 def run(settings: Settings) -> None:

@@ -29,7 +29,9 @@ class CloseCode(IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
     UNSUPPORTED_DATA = 1003  # binary frame
+    INVALID_PAYLOAD = 1007  # text that is not UTF-8
     POLICY = 1008
     TOO_BIG = 1009
     INTERNAL_ERROR = 1011

@@ -15,7 +15,7 @@ from aiohttp.web import BaseRequest, StreamResponse
 
 from ..config import LoggingSettings
 
-__all__ = ["AccessLogger", "JsonFormatter", "configure_logging"]
+__all__ = ["AccessLogger", "JsonFormatter", "configure_logging", "log_access"]
 
 _STD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -38,25 +38,37 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+def log_access(
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    method: str,
+    path: str,
+    status: int,
+    seconds: float,
+    remote: str | None,
+) -> None:
+    """One access line; ``path`` must not carry the query string."""
+    logger.info(
+        "%s %s %s %.4fs",
+        method,
+        path,
+        status,
+        seconds,
+        extra={
+            "event": "access",
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration": round(seconds, 6),
+            "remote": remote,
+        },
+    )
+
+
 class AccessLogger(AbstractAccessLogger):
     """``METHOD /path STATUS seconds`` — the path without its query string."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        self.logger.info(
-            "%s %s %s %.4fs",
-            request.method,
-            request.path,
-            response.status,
-            time,
-            extra={
-                "event": "access",
-                "method": request.method,
-                "path": request.path,
-                "status": response.status,
-                "duration": round(time, 6),
-                "remote": request.remote,
-            },
-        )
+        log_access(self.logger, request.method, request.path, response.status, time, request.remote)
 
 
 def configure_logging(settings: LoggingSettings) -> None:

@@ -12,20 +12,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from ..auth import Claims
 from ..codes import CloseCode, ErrorCode
+from ..core.connection import Connection
 from ..core.node import Node
 from ..core.session import Close
 from ..exceptions import AuthError, ProtocolError
 from ..protocol import SUBPROTOCOL, now_ms
-from .errors import UNAVAILABLE_ERRORS, error_response, unavailable_response
+from .errors import UNAVAILABLE_ERRORS, error_response
 
-__all__ = ["AiohttpTransport", "close_reply", "extract_token", "websocket_handler"]
+__all__ = [
+    "AiohttpTransport",
+    "Refusal",
+    "Upgrade",
+    "admit",
+    "close_reply",
+    "control_frame",
+    "extract_token",
+    "websocket_handler",
+]
 
 log = logging.getLogger("revenge_ws.ws")
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
@@ -89,16 +100,55 @@ def close_reply(received: int) -> int:
     return received
 
 
-def extract_token(request: web.Request) -> str | None:
+@dataclass(frozen=True, slots=True)
+class Upgrade:
+    """What admission needs from an upgrade request, whichever stack parsed it."""
+
+    #: Case-insensitive ``.get`` (aiohttp's ``CIMultiDictProxy``, websockets' ``Headers``).
+    headers: Any
+    query: Mapping[str, str]
+    cookies: Mapping[str, str]
+    room_id: str | None = None
+    job_id: str | None = None
+
+    @classmethod
+    def of(cls, request: web.Request) -> Upgrade:
+        info = request.match_info
+        return cls(
+            request.headers,
+            request.query,
+            request.cookies,
+            info.get("room_id"),
+            info.get("job_id"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A handshake answered with an HTTP error instead of the upgrade."""
+
+    code: ErrorCode
+    message: str
+    retry_after: float | None = None
+
+    def response(self) -> web.Response:
+        return error_response(self.code, self.message, retry_after=self.retry_after)
+
+
+#: Admitted: the token's claims, the new session id, extra channels, the room to join.
+Admitted = tuple[Claims, str, tuple[str, ...], str | None]
+
+
+def extract_token(request: web.Request | Upgrade) -> str | None:
     """The token from, in this order: ``Authorization: Bearer``, ``?token=``, cookie."""
-    header = request.headers.get("Authorization", "")
+    header = request.headers.get("Authorization", "") or ""
     if header[:7].lower() == "bearer ":
-        return header[7:].strip()
+        return str(header[7:].strip())
     return request.query.get("token") or request.cookies.get("auth_token")
 
 
-def origin_allowed(request: web.Request, allowed: list[str]) -> bool:
-    origin = request.headers.get("Origin")
+def origin_allowed(up: Upgrade, allowed: list[str]) -> bool:
+    origin = up.headers.get("Origin")
     # A request without Origin is a native app, not a browser: the contract lets it pass.
     return not allowed or origin is None or origin in allowed
 
@@ -111,14 +161,10 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     upgrade are all answered here, a broker or store failure included (503).
     """
     node = request.app[NODE]
-    try:
-        admitted = await _admit(request, node)
-    except UNAVAILABLE_ERRORS as exc:
-        log.warning("handshake refused: unavailable: %s", exc)
-        node.observer.handshake_refused(ErrorCode.UNAVAILABLE.value)
-        return unavailable_response()
-    if isinstance(admitted, web.Response):
-        return admitted
+    up = Upgrade.of(request)
+    admitted = await admit(up, node)
+    if isinstance(admitted, Refusal):
+        return admitted.response()
     claims, session_id, extra, room_id = admitted
     try:
         ws = web.WebSocketResponse(
@@ -151,16 +197,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                     if pending is not None:
                         await pending
                 elif kind is WSMsgType.PING or kind is WSMsgType.PONG:
-                    verdict = conn.session.control(node.clock())
-                    if verdict is None:
-                        if kind is WSMsgType.PING:
-                            with contextlib.suppress(ConnectionError, RuntimeError):
-                                await ws.pong(msg.data)
-                    elif isinstance(verdict, Close):
-                        conn.close(verdict.code, verdict.reason)
-                    else:
-                        # Over budget: no pong, the RATE_LIMITED error a dropped message gets.
-                        conn.send(verdict.payload)
+                    if control_frame(node, conn) and kind is WSMsgType.PING:
+                        with contextlib.suppress(ConnectionError, RuntimeError):
+                            await ws.pong(msg.data)
                 elif kind is WSMsgType.BINARY:
                     conn.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
                 elif kind is WSMsgType.CLOSE:
@@ -183,38 +222,60 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         await node.release_if_unopened(claims, session_id)
 
 
-async def _admit(
-    request: web.Request, node: Node
-) -> web.Response | tuple[Claims, str, tuple[str, ...], str | None]:
-    """Every check before the upgrade: a refusal, or what the connection needs."""
+def control_frame(node: Node, conn: Connection) -> bool:
+    """A ping or pong arrived; True when a ping may be answered. Control frames spend
+    the inbound budget (extension f21): over it, no pong but the ``RATE_LIMITED`` error
+    a dropped message gets, and a flood closes the connection."""
+    verdict = conn.session.control(node.clock())
+    if verdict is None:
+        return True
+    if isinstance(verdict, Close):
+        conn.close(verdict.code, verdict.reason)
+    else:
+        conn.send(verdict.payload)
+    return False
+
+
+async def admit(up: Upgrade, node: Node) -> Refusal | Admitted:
+    """Every check before the upgrade: a refusal, or what the connection needs. A broker
+    or store failure is a refusal too (503, retry in a second)."""
+    try:
+        return await _admit(up, node)
+    except UNAVAILABLE_ERRORS as exc:
+        log.warning("handshake refused: unavailable: %s", exc)
+        node.observer.handshake_refused(ErrorCode.UNAVAILABLE.value)
+        return Refusal(ErrorCode.UNAVAILABLE, "temporarily unavailable", 1)
+
+
+async def _admit(up: Upgrade, node: Node) -> Refusal | Admitted:
     settings = node.settings
     if node.closing:
-        return error_response(ErrorCode.UNAVAILABLE, "shutting down", retry_after=5)
-    if not origin_allowed(request, settings.allowed_origins):
+        return Refusal(ErrorCode.UNAVAILABLE, "shutting down", 5)
+    if not origin_allowed(up, settings.allowed_origins):
         node.observer.handshake_refused("FORBIDDEN")
-        return error_response(ErrorCode.FORBIDDEN, "origin not allowed")
+        return Refusal(ErrorCode.FORBIDDEN, "origin not allowed")
     early = _refuse_before_auth(node)
     if early is not None:
         node.observer.handshake_refused(ErrorCode.UNAVAILABLE.value)
         return early
     try:
-        claims = node.authenticate(extract_token(request))
+        claims = node.authenticate(extract_token(up))
     except AuthError as exc:
         node.observer.handshake_refused(exc.code.value)
-        return error_response(exc.code, exc.message)
+        return Refusal(exc.code, exc.message)
     extra: tuple[str, ...] = ()
-    job_id = request.match_info.get("job_id")
-    room_id = request.match_info.get("room_id")
+    job_id = up.job_id
+    room_id = up.room_id
     try:
         if job_id is not None:
             extra = (await _check_channel(node, claims, f"transcode:{job_id}"),)
         if room_id is not None and node.room_admission is not None:
-            await node.room_admission(claims, room_id, dict(request.query))
+            await node.room_admission(claims, room_id, dict(up.query))
         elif room_id is not None:
             raise ProtocolError(ErrorCode.NOT_FOUND, "SyncPlay is not enabled on this hub")
     except ProtocolError as exc:
         node.observer.handshake_refused(exc.code.value)
-        return error_response(exc.code, exc.message)
+        return Refusal(exc.code, exc.message)
     session_id = node.new_session_id()
     try:
         await node.admit(claims, session_id)
@@ -223,11 +284,11 @@ async def _admit(
         retry = node.retry_after() if exc.code is ErrorCode.UNAVAILABLE else None
         if exc.code is ErrorCode.RATE_LIMITED:
             retry = 5.0
-        return error_response(exc.code, exc.message, retry_after=retry)
+        return Refusal(exc.code, exc.message, retry)
     return claims, session_id, extra, room_id
 
 
-def _refuse_before_auth(node: Node) -> web.Response | None:
+def _refuse_before_auth(node: Node) -> Refusal | None:
     """The node-wide admission checks, made before the token is verified.
 
     During a handshake storm the accept bucket is empty: every handshake, forged or
@@ -242,7 +303,7 @@ def _refuse_before_auth(node: Node) -> web.Response | None:
     if wait > 0:
         full = len(node.hub) >= node.settings.server.max_connections
         reason = "this node is full" if full else "too many handshakes, retry later"
-        return error_response(ErrorCode.UNAVAILABLE, reason, retry_after=max(1.0, wait))
+        return Refusal(ErrorCode.UNAVAILABLE, reason, max(1.0, wait))
     return None
 
 

@@ -1,0 +1,528 @@
+"""The hub's own WebSocket engine: websockets' sans-I/O protocol on the raw transport.
+
+Why it exists: aiohttp keeps ~14 KiB per idle WebSocket (the parsed upgrade request, its
+HTTP protocol with two deques, the WebSocket reader, parser and writer, and a handler
+task that lives as long as the socket) — more than the hub's whole budget of 16 KiB per
+connection (docs/performance.md §2). A socket whose FIRST request is an upgrade to one of
+the hub's WebSocket paths is therefore taken before aiohttp ever sees it
+(:class:`Engine.wants`, called by the listener's first-request guard in ``app.py``):
+websockets' :class:`~websockets.server.ServerProtocol` parses the handshake and the
+frames, the same admission as the aiohttp path (:func:`.ws.admit`) decides, and the
+connection is then one :class:`Socket` object — no task while it is idle.
+
+Everything else stays with aiohttp: the HTTP API, the pages, and an upgrade sent on a
+kept-alive HTTP connection (served by :func:`.ws.websocket_handler`, same behaviour).
+``server.ws_engine: aiohttp`` turns this engine off.
+
+Frames the hub sends never pass through the sans-I/O object: the core hands over
+complete, coalesced frames and :meth:`Socket.write` puts them on the transport, so a
+delivery costs the same as on the aiohttp path. What websockets writes itself (pongs,
+the close handshake, handshake responses) goes out in :meth:`Socket._flush`.
+
+Behaviour beyond aiohttp's (RFC 6455, measured by ``tests/test_conformance.py``): an
+unmasked client frame fails the connection with 1002, and invalid UTF-8 in a fragmented
+text message fails it with 1007 at the first bad fragment, not at the end of the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Iterable
+from http import HTTPStatus
+from http.cookies import CookieError, SimpleCookie
+from typing import Any, cast
+from urllib.parse import parse_qsl, unquote
+
+from websockets.datastructures import Headers
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import SEND_EOF, State
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+
+from ..codes import CloseCode, ErrorCode
+from ..core.connection import Connection
+from ..core.node import Node
+from ..protocol import SUBPROTOCOL, encode, now_ms
+from .errors import STATUS
+from .logs import log_access
+from .ws import CLOSE_TIMEOUT, Refusal, Upgrade, admit, control_frame
+
+__all__ = ["Engine", "Socket"]
+
+log = logging.getLogger("revenge_ws.ws")
+access_log = logging.getLogger("aiohttp.access")
+#: websockets logs the request line, ``?token=`` included, and every frame at DEBUG: its
+#: protocol objects get this logger, which never has DEBUG on (credentials stay out of logs).
+_WS_LOG = logging.getLogger("revenge_ws.ws.protocol")
+_WS_LOG.setLevel(logging.INFO)
+
+_PING_FRAME = b"\x89\x00"
+_PONG = 0x8A
+_UPGRADE = re.compile(rb"(?im)^upgrade:[ \t]*websocket[ \t]*\r?$")
+#: The hub's WebSocket paths: exact, or a prefix and one path segment (room, job).
+_EXACT = "/api/v1/ws"
+_SEGMENT = {"/api/v1/ws/playback/": "room_id", "/api/v1/ws/transcode/": "job_id"}
+_ECHO = "/debug/echo"
+
+
+class _FirstValues:
+    """Case-insensitive header lookup keeping the first value of a repeated header
+    (websockets' ``Headers.get`` raises on a repeated one; aiohttp returns the first)."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self, headers: Headers) -> None:
+        d: dict[str, str] = {}
+        for key, value in headers.raw_items():
+            d.setdefault(key.lower(), value)
+        self._d = d
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self._d.get(key.lower(), default)
+
+
+def _query(target: str) -> dict[str, str]:
+    _, _, qs = target.partition("?")
+    out: dict[str, str] = {}
+    for key, value in parse_qsl(qs, keep_blank_values=True):
+        out.setdefault(key, value)
+    return out
+
+
+def _cookies(header: str | None) -> dict[str, str]:
+    if not header:
+        return {}
+    jar: SimpleCookie = SimpleCookie()
+    with contextlib.suppress(CookieError):
+        jar.load(header)
+    return {key: morsel.value for key, morsel in jar.items()}
+
+
+def _select_subprotocol(_p: ServerProtocol, offered: Any) -> Subprotocol | None:
+    # A client that offers no subprotocol (or others) is served without one, as on the
+    # aiohttp path: the contract's subprotocol is advisory for clients.
+    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in offered else None
+
+
+def _response(status: int, body: bytes, extra: Iterable[tuple[str, str]] = ()) -> Response:
+    headers = Headers(
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+            *extra,
+        ]
+    )
+    return Response(status, HTTPStatus(status).phrase, headers, body)
+
+
+def refusal_response(refusal: Refusal) -> Response:
+    """A :class:`Refusal` as the HTTP answer to the upgrade (the contract's JSON body)."""
+    body = encode({"error": {"code": refusal.code.value, "message": refusal.message}})
+    extra = []
+    if refusal.retry_after:
+        extra.append(("Retry-After", str(max(1, round(refusal.retry_after)))))
+    return _response(STATUS[refusal.code], body, extra)
+
+
+class Engine:
+    """Recognises the upgrades this engine serves and builds their :class:`Socket`."""
+
+    __slots__ = ("echo", "node")
+
+    def __init__(self, node: Node, *, echo: bool = False) -> None:
+        self.node = node
+        #: Serve the conformance echo endpoint (``debug.echo``) on this engine too.
+        self.echo = echo
+
+    def route(self, target: str) -> tuple[str, str | None, str | None] | None:
+        """``("hub" | "echo", room_id, job_id)`` for one of our paths, else None."""
+        path = target.partition("?")[0]
+        if path == _EXACT:
+            return "hub", None, None
+        if self.echo and path == _ECHO:
+            return "echo", None, None
+        for prefix, name in _SEGMENT.items():
+            if path.startswith(prefix):
+                segment = path[len(prefix) :]
+                if not segment or "/" in segment:
+                    return None
+                value = unquote(segment)
+                return ("hub", value, None) if name == "room_id" else ("hub", None, value)
+        return None
+
+    def wants(self, head: bytes) -> bool:
+        """Is this complete request head an upgrade to one of our paths?"""
+        line = head[: head.find(b"\r\n")].split(b" ")
+        if len(line) != 3 or line[0] != b"GET" or line[2] != b"HTTP/1.1":
+            return False
+        try:
+            target = line[1].decode("ascii")
+        except UnicodeDecodeError:
+            return False
+        return self.route(target) is not None and _UPGRADE.search(head) is not None
+
+    def take(self, transport: asyncio.Transport, head: bytes, tail: bytes) -> Socket:
+        """Serve the upgrade in ``head`` (a complete request head that :meth:`wants`
+        accepted) on ``transport``; ``tail`` is what the client sent after it."""
+        sock = Socket(self, transport, tail)
+        transport.set_protocol(sock)
+        sock.start(head)
+        return sock
+
+
+class Socket(asyncio.Protocol):
+    """One WebSocket: the handshake, then frames in, and the core's
+    :class:`~revenge_ws.core.connection.Transport` for frames out."""
+
+    __slots__ = (
+        "_backlog",
+        "_busy",
+        "_closer",
+        "_decoder",
+        "_engine",
+        "_kind",
+        "_opcode",
+        "_parts",
+        "_path",
+        "_proto",
+        "_started",
+        "_t",
+        "_tail",
+        "buffered",
+        "conn",
+    )
+
+    def __init__(self, engine: Engine, transport: asyncio.Transport, tail: bytes) -> None:
+        self._engine = engine
+        self._t = transport
+        self._tail = tail
+        self._proto = ServerProtocol(
+            subprotocols=[Subprotocol(SUBPROTOCOL)],
+            select_subprotocol=_select_subprotocol,
+            max_size=engine.node.settings.limits.message_size,
+            logger=_WS_LOG,
+        )
+        self._kind = "hub"
+        self._path = _EXACT
+        self.conn: Connection | None = None
+        #: Frames that arrived while a request was being handled (requests run in order).
+        self._backlog: deque[Frame] | None = None
+        self._busy = False
+        self._parts: list[bytes] | None = None
+        self._opcode = Opcode.TEXT
+        self._decoder: codecs.IncrementalDecoder | None = None
+        self._closer: asyncio.TimerHandle | None = None
+        self._started = time.monotonic()
+        #: The transport's own method, not a wrapper: flush asks it on every write.
+        self.buffered = transport.get_write_buffer_size
+
+    # -- handshake ---------------------------------------------------------------------
+    def start(self, head: bytes) -> None:
+        proto = self._proto
+        proto.receive_data(head)
+        events = proto.events_received()
+        request = events[0] if events else None
+        if not isinstance(request, Request):
+            reason = str(proto.handshake_exc or "malformed request")
+            self._refuse(Refusal(ErrorCode.INVALID_MESSAGE, f"bad upgrade request: {reason}"))
+            return
+        # Nothing more is read until the handshake is decided (admission awaits).
+        self._t.pause_reading()
+        self._engine.node.spawn(self._handshake(request), "ws-handshake")
+
+    async def _handshake(self, request: Request) -> None:
+        engine = self._engine
+        node = engine.node
+        route = engine.route(request.path)
+        assert route is not None  # Engine.wants checked it
+        self._kind, room, job = route
+        self._path = request.path.partition("?")[0]
+        headers = _FirstValues(request.headers)
+        up = Upgrade(headers, _query(request.path), _cookies(headers.get("Cookie")), room, job)
+        if self._kind == "echo":
+            if self._accept(request):
+                self._resume()
+            return
+        admitted = await admit(up, node)
+        if isinstance(admitted, Refusal):
+            self._refuse(admitted)
+            return
+        claims, session_id, extra, room_id = admitted
+        try:
+            if self._t.is_closing() or not self._accept(request):
+                return  # the peer left during the checks, or a bad WebSocket request
+            try:
+                conn = await node.open(claims, self, session_id, extra_channels=extra)
+            except Exception:
+                log.exception("opening a connection failed")
+                self._t.abort()
+                return
+            self.conn = conn
+            if self._t.is_closing():  # gone while opening: connection_lost saw no conn
+                await node.closed(conn, 1006)
+                return
+            if room_id is not None:
+                try:
+                    await node.join_room_on_connect(conn, room_id, dict(up.query))
+                except Exception:
+                    log.exception("joining room %s on connect failed", room_id)
+                    conn.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            await node.release_if_unopened(claims, session_id)
+        self._resume()
+
+    def _accept(self, request: Request) -> bool:
+        proto = self._proto
+        response = proto.accept(request)
+        if response.status_code != 101:
+            # A bad key, version or Connection header: websockets' status and headers,
+            # the contract's JSON body.
+            body = encode(
+                {
+                    "error": {
+                        "code": ErrorCode.INVALID_MESSAGE.value,
+                        "message": f"invalid WebSocket handshake: {proto.handshake_exc}",
+                    }
+                }
+            )
+            skip = {"content-type", "content-length", "connection"}
+            extra = [(k, v) for k, v in response.headers.raw_items() if k.lower() not in skip]
+            status = response.status_code
+            if _FirstValues(request.headers).get("Sec-WebSocket-Version") != "13":
+                # RFC 6455 §4.4: an unsupported version gets the versions we speak.
+                status = 426
+                extra.append(("Sec-WebSocket-Version", "13"))
+            response = _response(status, body, extra)
+            proto.send_response(response)
+            self._log(status)
+            self._flush()
+            return False
+        proto.send_response(response)
+        self._flush()
+        return True
+
+    def _refuse(self, refusal: Refusal) -> None:
+        self._proto.send_response(refusal_response(refusal))
+        self._log(STATUS[refusal.code])
+        self._flush()
+
+    def _resume(self) -> None:
+        tail, self._tail = self._tail, b""
+        if tail:
+            self._feed(tail)
+        if not self._busy and not self._t.is_closing():
+            self._t.resume_reading()
+
+    def _log(self, status: int) -> None:
+        if access_log.isEnabledFor(logging.INFO):
+            peer = self._t.get_extra_info("peername")
+            log_access(
+                access_log,
+                "GET",
+                self._path,
+                status,
+                time.monotonic() - self._started,
+                peer[0] if peer else None,
+            )
+
+    # -- frames in ---------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._proto.state is State.CONNECTING:
+            self._tail += data  # only before the handshake is decided (reading paused)
+            return
+        self._feed(data)
+
+    def eof_received(self) -> bool | None:
+        with contextlib.suppress(Exception):  # a second end of stream, or mid-frame
+            self._proto.receive_eof()
+        return None  # the transport closes itself
+
+    def _feed(self, data: bytes) -> None:
+        proto = self._proto
+        proto.receive_data(data)
+        frames = proto.events_received()
+        if self._busy:
+            assert self._backlog is not None
+            self._backlog.extend(frames)  # type: ignore[arg-type]
+            return
+        self._frames(frames)  # type: ignore[arg-type]
+        if proto.parser_exc is not None and self.conn is not None and not self.conn.closed:
+            # websockets failed the connection (1002, 1007, 1009): tell the core.
+            sent = proto.close_sent
+            self.conn.close(sent.code if sent is not None else 1006, "")
+        if not self._busy:
+            self._flush()
+
+    def _frames(self, frames: Iterable[Frame]) -> None:
+        it = iter(frames)
+        for frame in it:
+            self._frame(frame)
+            if self._busy:
+                # A request is being handled: the rest waits for it (requests run in order).
+                assert self._backlog is not None
+                self._backlog.extend(it)
+                return
+
+    def _frame(self, frame: Frame) -> None:
+        op = frame.opcode
+        # Received frames carry bytes (websockets types them as any bytes-like).
+        data = cast(bytes, frame.data)
+        if op is Opcode.TEXT or op is Opcode.BINARY:
+            if frame.fin:
+                self._message(op, data)
+                return
+            self._opcode = op
+            self._parts = [data]
+            if op is Opcode.TEXT:
+                self._decoder = codecs.getincrementaldecoder("utf-8")()
+                self._check_utf8(data, False)
+        elif op is Opcode.CONT:
+            parts = self._parts
+            if parts is None:  # websockets refused it already; nothing to assemble
+                return
+            parts.append(data)
+            if self._decoder is not None:
+                self._check_utf8(data, frame.fin)
+            if frame.fin:
+                self._parts = None
+                self._decoder = None
+                self._message(self._opcode, b"".join(parts))
+        elif op is Opcode.PING:
+            # Answered here, in order with the other frames, and only within the
+            # inbound budget (extension f21); websockets' automatic pong is dropped.
+            if self._control():
+                self.write(Frame(Opcode.PONG, data).serialize(mask=False))
+        elif op is Opcode.PONG:
+            self._control()
+        elif op is Opcode.CLOSE:
+            self._peer_closed()
+
+    def _check_utf8(self, data: bytes, final: bool) -> None:
+        """Fail fast (RFC 6455 §8.1): at the first fragment that cannot be UTF-8."""
+        assert self._decoder is not None
+        try:
+            self._decoder.decode(data, final)
+        except UnicodeDecodeError:
+            self._parts = None
+            self._decoder = None
+            self._fail(CloseCode.INVALID_PAYLOAD, "invalid UTF-8")
+
+    def _message(self, op: Opcode, data: bytes) -> None:
+        conn = self.conn
+        if op is Opcode.TEXT:
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                self._fail(CloseCode.INVALID_PAYLOAD, "invalid UTF-8")
+                return
+            if self._kind == "echo":
+                self._echo(op, data)
+                return
+            if conn is None or conn.closed:
+                return
+            pending = self._engine.node.receive(conn, text, now_ms())
+            if pending is not None:
+                self._wait(pending)
+        elif self._kind == "echo":
+            self._echo(op, data)
+        elif conn is not None:
+            conn.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
+
+    def _echo(self, op: Opcode, data: bytes) -> None:
+        # Straight to the transport, like the hub's frames: websockets has already
+        # queued its answer to a close that came in the same read, and what was received
+        # before that close must be answered before it.
+        self.write(Frame(op, data).serialize(mask=False))
+
+    def _control(self) -> bool:
+        conn = self.conn
+        if conn is None or conn.closed:
+            return True
+        return control_frame(self._engine.node, conn)
+
+    def _peer_closed(self) -> None:
+        """The client's close frame; websockets has answered it with the same code
+        (1002 for a code that must not be sent, as :func:`.ws.close_reply`)."""
+        conn = self.conn
+        if conn is None or conn.closed:
+            return
+        rcvd = self._proto.close_rcvd
+        conn.close(rcvd.code if rcvd is not None else 1005, "")  # records what it said
+
+    def _fail(self, code: int, reason: str) -> None:
+        self._proto.fail(code, reason)
+        if self.conn is not None:
+            self.conn.close(code, reason)
+
+    def _wait(self, pending: Any) -> None:
+        self._busy = True
+        if self._backlog is None:
+            self._backlog = deque()
+        self._t.pause_reading()
+        self._engine.node.spawn(self._handled(pending), "ws-request")
+
+    async def _handled(self, pending: Any) -> None:
+        try:
+            await pending
+        finally:
+            self._busy = False  # cancelled (shutdown): the socket is being closed anyway
+        backlog = self._backlog
+        self._backlog = None
+        if backlog:
+            self._frames(backlog)
+        if not self._busy:
+            self._flush()
+            if not self._t.is_closing():
+                self._t.resume_reading()
+
+    # -- frames out (the core's Transport) ---------------------------------------------
+    def write(self, data: bytes) -> None:
+        t = self._t
+        if not t.is_closing():
+            t.write(data)
+
+    def ping(self) -> None:
+        self.write(_PING_FRAME)
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the close handshake; the socket is dropped if it is not finished within
+        ``CLOSE_TIMEOUT`` (a slow consumer's close frame waits behind its full buffer)."""
+        if self._closer is not None:
+            return
+        proto = self._proto
+        if proto.state is State.OPEN:
+            proto.send_close(code, reason.encode()[:120].decode(errors="ignore"))
+            self._flush()
+        self._closer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._t.abort)
+
+    def _flush(self) -> None:
+        """Write what websockets queued (handshake responses, the close handshake) but its
+        automatic pongs; its end of stream closes the socket."""
+        t = self._t
+        for chunk in self._proto.data_to_send():
+            if chunk is SEND_EOF or not chunk:
+                t.close()  # after the buffered bytes
+                return
+            if chunk[0] != _PONG and not t.is_closing():  # pongs: see _frame
+                t.write(chunk)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closer is not None:
+            self._closer.cancel()
+            self._closer = None
+        conn = self.conn
+        if conn is not None:
+            node = self._engine.node
+            if conn.close_code is None:
+                sent = self._proto.close_sent
+                conn.close_code = sent.code if sent is not None else 1006
+            self._log(101)
+            node.spawn(node.closed(conn, conn.close_code), "ws-closed")
