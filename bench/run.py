@@ -380,6 +380,37 @@ class Bench:
             if lp in self.cleanup.loads:
                 self.cleanup.loads.remove(lp)
 
+    async def send_floor(self) -> dict[str, Any]:
+        """``bench/send_floor.py`` on the same cores: one plain ``send()`` per subscriber,
+        3 s at 20 passes/s — the ground under every server's p99 on this machine."""
+        p = self.p
+        rounds = 60 if p.subscribers >= 1000 else 20
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(Path(__file__).with_name("send_floor.py")),
+            "--subscribers",
+            str(p.subscribers),
+            "--rounds",
+            str(rounds),
+            "--rate",
+            "20",
+            "--server-core",
+            str(self.server_core),
+            "--load-core",
+            str(min(self.load_cores)),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), 120)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise BenchError("send floor: no result within 120 s") from None
+        if proc.returncode != 0:
+            raise BenchError(f"send floor exited with {proc.returncode}")
+        result: dict[str, Any] = orjson.loads(out)
+        return result
+
     # -- fan-out and latency -------------------------------------------------------------
     async def fanout(
         self, kind: str, profile: bool = False, latency: bool = True
@@ -774,6 +805,16 @@ async def run_bench(args: argparse.Namespace, preset: Preset, progress: Progress
                 # The headline is the round with the median CPU per delivery.
                 rounds = sorted(res["rounds"], key=lambda r: r["server_us_per_delivery"])
                 res["throughput"] = rounds[(len(rounds) - 1) // 2]
+            if results["fanout"]:
+                progress.say("floor: one plain send() per subscriber, no server")
+                try:
+                    results["floor"] = await bench.send_floor()
+                    progress.say(
+                        f"  floor: one pass {results['floor']['pass_ms_p50']} ms (p50), "
+                        f"{results['floor']['cpu_us_per_send']} µs CPU per send"
+                    )
+                except BenchError as exc:
+                    results["errors"].append(str(exc))
             if args.profile and "hub" in fan_servers:
                 progress.say("profile: hub fan-out under py-spy (numbers of this run discarded)")
                 try:

@@ -52,6 +52,9 @@ def test_fanout_and_latency_smoke(tmp_path: Path) -> None:
     assert meta["nproc"] and meta["python"] and meta["aiohttp"]
     assert len(meta["loadavg_start"]) == 3
 
+    floor = results["floor"]  # the plain send() loop ran over the same 20 sockets
+    assert floor["subscribers"] == 20 and floor["delivered_bytes"] == floor["expected_bytes"]
+
     text = md.read_text()
     assert "## Fan-out: 20 subscribers" in text
     assert "## Goals" in text and "publish-to-receive p99" in text
