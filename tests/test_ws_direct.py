@@ -305,3 +305,88 @@ async def test_an_oversized_first_head_is_left_to_aiohttp(hub: Hub) -> None:
 
     head = await asyncio.to_thread(run)
     assert _status(head) in (400, 431), head[:100]
+
+
+# -- failures inside the handshake ---------------------------------------------------------------
+async def test_an_error_before_the_upgrade_is_answered_500(hub: Hub, monkeypatch: Any) -> None:
+    def boom(token: str | None) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(hub.node, "authenticate", boom)
+
+    def run() -> tuple[bytes, dict[str, Any]]:
+        sock, head = handshake(hub.port, "/api/v1/ws?token=x")
+        try:
+            return head, _body(sock, head)
+        finally:
+            sock.close()
+
+    head, body = await asyncio.to_thread(run)
+    assert _status(head) == 500 and body["error"]["code"] == "INTERNAL"
+
+
+async def test_an_error_after_the_upgrade_drops_the_socket_and_frees_the_slot(
+    hub: Hub, monkeypatch: Any
+) -> None:
+    real_open = hub.node.open
+    calls = 0
+
+    async def failing_open(*args: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        return await real_open(*args, **kw)
+
+    monkeypatch.setattr(hub.node, "open", failing_open)
+    token = hub.token("gina")
+
+    def run() -> tuple[bytes, bytes]:
+        sock, head = handshake(hub.port, f"/api/v1/ws?token={token}")
+        try:
+            sock.settimeout(5)
+            return head, sock.recv(100)
+        finally:
+            sock.close()
+
+    head, rest = await asyncio.to_thread(run)
+    assert _status(head) == 101 and rest == b""  # dropped, no welcome
+    ws = await hub.connect("gina")  # the slot came back: the next one is welcomed
+    await ws.close()
+
+
+async def test_a_client_gone_while_opening_is_forgotten() -> None:
+    """The peer resets while ``Node.open`` runs: the connection is closed on the node as
+    soon as it is open, so the user's slots come back (2 per user here, 5 attempts)."""
+    async with running_hub(make_settings({"REVENGE_LIMITS_CONNECTIONS_PER_USER": "2"})) as hub:
+        real_open = hub.node.open
+        gate = asyncio.Event()
+
+        async def slow_open(*args: Any, **kw: Any) -> Any:
+            await asyncio.wait_for(gate.wait(), 5)
+            gate.clear()
+            return await real_open(*args, **kw)
+
+        hub.node.open = slow_open  # type: ignore[method-assign]
+        token = hub.token("hank")
+        for _ in range(5):
+
+            def reset() -> None:
+                sock, head = handshake(hub.port, f"/api/v1/ws?token={token}")
+                assert _status(head) == 101
+                sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
+                sock.close()  # RST
+
+            await asyncio.to_thread(reset)
+            await asyncio.sleep(0.05)
+            gate.set()
+            for _ in range(100):
+                if not gate.is_set() and len(hub.node.hub) == 0:
+                    break
+                await asyncio.sleep(0.02)
+        hub.node.open = real_open  # type: ignore[method-assign]
+        assert len(hub.node.hub) == 0
+        ws = await hub.connect("hank")
+        await ws.close()

@@ -239,6 +239,18 @@ class Socket(asyncio.Protocol):
         self._engine.node.spawn(self._handshake(request), "ws-handshake")
 
     async def _handshake(self, request: Request) -> None:
+        try:
+            await self._open(request)
+        except Exception:
+            # A bug, not a refusal: answered 500 (as aiohttp answers a handler's error), or
+            # the socket dropped once the upgrade has been sent.
+            log.exception("WebSocket handshake failed")
+            if self._proto.state is State.CONNECTING:
+                self._refuse(Refusal(ErrorCode.INTERNAL, "internal error"))
+            else:
+                self._t.abort()
+
+    async def _open(self, request: Request) -> None:
         engine = self._engine
         node = engine.node
         route = engine.route(request.path)
@@ -259,13 +271,7 @@ class Socket(asyncio.Protocol):
         try:
             if self._t.is_closing() or not self._accept(request):
                 return  # the peer left during the checks, or a bad WebSocket request
-            try:
-                conn = await node.open(claims, self, session_id, extra_channels=extra)
-            except Exception:
-                log.exception("opening a connection failed")
-                self._t.abort()
-                return
-            self.conn = conn
+            conn = self.conn = await node.open(claims, self, session_id, extra_channels=extra)
             if self._t.is_closing():  # gone while opening: connection_lost saw no conn
                 await node.closed(conn, 1006)
                 return
