@@ -241,6 +241,10 @@ class Socket(asyncio.Protocol):
     async def _handshake(self, request: Request) -> None:
         try:
             await self._open(request)
+            # websockets' parser keeps the request in its generator frame for the
+            # connection's life (~2.5 KiB of parsed headers per idle connection): empty it.
+            request.headers.clear()
+            request.path = ""
         except Exception:
             # A bug, not a refusal: answered 500 (as aiohttp answers a handler's error), or
             # the socket dropped once the upgrade has been sent.
