@@ -59,3 +59,21 @@ def test_fanout_and_latency_smoke(tmp_path: Path) -> None:
     assert "## Fan-out: 20 subscribers" in text
     assert "## Goals" in text and "publish-to-receive p99" in text
     assert "python -m bench --smoke" in text
+
+
+@pytest.mark.timeout(60)
+def test_idle_memory_breakdown_smoke() -> None:
+    """``bench/idle_memory.py`` keeps working: 20 idle connections, a table per frame."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.idle_memory", "--connections", "20", "--settle", "0.5"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "engine direct: 20 idle connections" in run.stdout
+    assert "| bytes / connection |" in run.stdout and "by package: " in run.stdout
