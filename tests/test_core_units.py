@@ -379,6 +379,57 @@ def test_hub_fanout_one_flush_per_iteration_and_the_outbox_checks_hold() -> None
     assert tf.writes == []
 
 
+def test_flusher_waits_about_one_pass_only_when_saturated() -> None:
+    """A pass ≥ 1 ms followed by a new delivery sooner than it took (the loop flushing
+    more than half the time) defers the next pass by that long, at most 5 ms; short passes
+    or a quiet gap flush in the next iteration."""
+    now = [0.0]
+    loop = FakeLoop()
+    flusher = Flusher(loop, clock=lambda: now[0])
+    conn, t = make_conn(loop, "a", "alice")
+    conn.flusher = flusher
+
+    cost = [0.0]
+    write = t.write
+
+    def timed_write(data: bytes) -> None:
+        now[0] += cost[0]  # the pass "takes" this long: the clock moves while writing
+        write(data)
+
+    t.write = timed_write  # type: ignore[method-assign]
+
+    def slow_flush(duration: float) -> None:
+        cost[0] = duration
+
+    # 1. A short pass: the next delivery is flushed in the next iteration.
+    conn.send(b"{}")
+    assert len(loop.soon) == 1 and not loop.later
+    loop.run()
+    conn.send(b"{}")
+    assert len(loop.soon) == 1 and not loop.later
+    # 2. A 3 ms pass, then a delivery 1 ms after it: saturated, wait 3 ms.
+    slow_flush(0.003)
+    loop.run()
+    now[0] += 0.001
+    conn.send(b"{}")
+    assert not loop.soon and [d for d, _ in loop.later] == [0.003]
+    loop.later.pop()[1]()
+    assert len(t.writes) == 3
+    # 3. A 20 ms pass, then a delivery at once: wait, but never more than 5 ms.
+    slow_flush(0.020)
+    conn.send(b"{}")
+    loop.later.pop()[1]()
+    conn.send(b"{}")
+    assert [d for d, _ in loop.later] == [0.005]
+    loop.later.pop()[1]()
+    # 4. A long pass but a quiet gap longer than it: no wait.
+    now[0] += 1.0
+    conn.send(b"{}")
+    assert len(loop.soon) == 1 and not loop.later
+    loop.run()
+    assert len(t.writes) == 6
+
+
 def test_hub_conflates_transcode_progress_for_a_backed_up_reader() -> None:
     hub = Hub()
     loop = FakeLoop()
