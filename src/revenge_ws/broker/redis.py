@@ -895,8 +895,11 @@ class RedisBroker:
                 log.debug("redis pub/sub reconnect failed: %s", error)
             pause = random.uniform(delay / 2, delay)
             delay = min(delay * 2, self.reconnect_max)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that arrives as the wait ends, and this loop would go on.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), pause)
+                async with asyncio.timeout(pause):
+                    await self._wake.wait()
 
     async def _open_link(self, link: _Link) -> None:
         async with asyncio.timeout(self.timeout):
@@ -997,8 +1000,9 @@ class RedisBroker:
     # -- presence refresh ------------------------------------------------------------------
     async def _refresh_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._refresh_now.wait(), self.presence_refresh)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: see _listen
+                async with asyncio.timeout(self.presence_refresh):
+                    await self._refresh_now.wait()
             self._refresh_now.clear()
             try:
                 await self._presence.refresh()

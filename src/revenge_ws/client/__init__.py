@@ -766,8 +766,11 @@ class Client:
                 self._emit("client.disconnected", self._disc_event(disc, delay))
                 self._state = "waiting"
                 self._wake.clear()
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that arrives as the wait ends (close() would hang).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
         except asyncio.CancelledError:
             raise
         except Exception:
