@@ -380,9 +380,9 @@ def test_hub_fanout_one_flush_per_iteration_and_the_outbox_checks_hold() -> None
 
 
 def test_flusher_waits_about_one_pass_only_when_saturated() -> None:
-    """A pass ≥ 1 ms followed by a new delivery sooner than it took (the loop flushing
-    more than half the time) defers the next pass by that long, at most 5 ms; short passes
-    or a quiet gap flush in the next iteration."""
+    """A pass ≥ 1 ms followed by a new delivery sooner than half the time it took (the
+    loop flushing two thirds of the time or more) defers the next pass by that long, at
+    most 5 ms; short passes or a longer gap flush in the next iteration."""
     now = [0.0]
     loop = FakeLoop()
     flusher = Flusher(loop, clock=lambda: now[0])
@@ -422,12 +422,18 @@ def test_flusher_waits_about_one_pass_only_when_saturated() -> None:
     conn.send(b"{}")
     assert [d for d, _ in loop.later] == [0.005]
     loop.later.pop()[1]()
-    # 4. A long pass but a quiet gap longer than it: no wait.
+    # 4. A 20 ms pass, then a delivery 12 ms later (a busy machine's slow pass at a
+    #    moderate rate): no wait; nor after a quiet gap.
+    now[0] += 0.012
+    conn.send(b"{}")
+    assert len(loop.soon) == 1 and not loop.later
+    loop.run()
+    cost[0] = 0.0
     now[0] += 1.0
     conn.send(b"{}")
     assert len(loop.soon) == 1 and not loop.later
     loop.run()
-    assert len(t.writes) == 6
+    assert len(t.writes) == 7
 
 
 def test_hub_conflates_transcode_progress_for_a_backed_up_reader() -> None:

@@ -36,9 +36,11 @@ _NO_CHECK_SLACK = HIGH_WATER + WRITE_CHUNK + 4096
 
 #: A flush pass at least this long (s) is a large fan-out...
 SATURATED_PASS = 0.001
-#: ...and when the next one is asked for sooner than the last one took, the hub is
-#: saturated: the next pass waits about one pass (at most this, s) so that the frames of
-#: the publications handled meanwhile leave in the same writes.
+#: ...and when the next one is asked for sooner than half the time the last one took
+#: (the loop flushing two thirds of the time or more), the hub is saturated: the next pass
+#: waits about one pass (at most this, s) so that the frames of the publications handled
+#: meanwhile leave in the same writes. (Half, not all of it: a pass slowed down by a busy
+#: machine must not make a 20/s stream wait.)
 MAX_FLUSH_DELAY = 0.005
 
 
@@ -46,7 +48,7 @@ class Flusher:
     """Flushes every connection that queued frames, in ONE loop callback per iteration
     (instead of one call_soon handle per connection).
 
-    Under saturation (the loop busy flushing more than half the time) the next pass is
+    Under saturation (the loop busy flushing two thirds of the time or more) the next pass is
     deferred by up to one pass: a delivery then shares its ``write()`` with the following
     publications' (the syscall is ~2/3 of a delivery's cost). Below that, nothing waits."""
 
@@ -65,7 +67,7 @@ class Flusher:
         if not self._scheduled:
             self._scheduled = True
             last = self._pass
-            if last >= SATURATED_PASS and self._clock() - self._ended < last:
+            if last >= SATURATED_PASS and self._clock() - self._ended < last / 2:
                 self._loop.call_later(min(last, MAX_FLUSH_DELAY), self._run)
             else:
                 self._loop.call_soon(self._run)
