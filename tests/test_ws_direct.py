@@ -390,3 +390,32 @@ async def test_a_client_gone_while_opening_is_forgotten() -> None:
         assert len(hub.node.hub) == 0
         ws = await hub.connect("hank")
         await ws.close()
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-frame", "fragments"])
+async def test_nothing_after_a_utf8_failure_is_answered(hub: Hub, split: bool) -> None:
+    """Invalid UTF-8 then a valid message in the same write: a close 1007 and nothing else
+    (the valid message is not echoed, not even before the close)."""
+    bad = (
+        frame(OP_TEXT, b"ok\xce", fin=False) + frame(0x0, b"\xff", fin=True)
+        if split
+        else frame(OP_TEXT, b"\xff\xfe")
+    )
+
+    def run() -> list[tuple[int, bytes]]:
+        sock, head = handshake(hub.port, "/debug/echo")
+        try:
+            assert _status(head) == 101
+            sock.sendall(bad + frame(OP_TEXT, b"after"))
+            reader = FrameReader(sock)
+            got = []
+            while (item := reader.next(5)) is not None:
+                got.append(item)
+                if item[0] == 0x8:
+                    break
+            return got
+        finally:
+            sock.close()
+
+    got = await asyncio.to_thread(run)
+    assert [(op, p[:2]) for op, p in got] == [(0x8, (1007).to_bytes(2, "big"))]

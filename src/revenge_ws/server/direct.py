@@ -188,6 +188,7 @@ class Socket(asyncio.Protocol):
         "_closer",
         "_decoder",
         "_engine",
+        "_failed",
         "_kind",
         "_opcode",
         "_parts",
@@ -216,6 +217,8 @@ class Socket(asyncio.Protocol):
         #: Frames that arrived while a request was being handled (requests run in order).
         self._backlog: deque[Frame] | None = None
         self._busy = False
+        #: We failed the connection (invalid UTF-8): nothing after it is processed.
+        self._failed = False
         self._parts: list[bytes] | None = None
         self._opcode = Opcode.TEXT
         self._decoder: codecs.IncrementalDecoder | None = None
@@ -374,6 +377,8 @@ class Socket(asyncio.Protocol):
     def _frames(self, frames: Iterable[Frame]) -> None:
         it = iter(frames)
         for frame in it:
+            if self._failed:
+                return  # we failed the connection: what the client sent after is ignored
             self._frame(frame)
             if self._busy:
                 # A request is being handled: the rest waits for it (requests run in order).
@@ -401,6 +406,8 @@ class Socket(asyncio.Protocol):
             parts.append(data)
             if self._decoder is not None:
                 self._check_utf8(data, frame.fin)
+                if self._failed:
+                    return
             if frame.fin:
                 self._parts = None
                 self._decoder = None
@@ -421,8 +428,6 @@ class Socket(asyncio.Protocol):
         try:
             self._decoder.decode(data, final)
         except UnicodeDecodeError:
-            self._parts = None
-            self._decoder = None
             self._fail(CloseCode.INVALID_PAYLOAD, "invalid UTF-8")
 
     def _message(self, op: Opcode, data: bytes) -> None:
@@ -468,6 +473,9 @@ class Socket(asyncio.Protocol):
         conn.close(rcvd.code if rcvd is not None else 1005, "")  # records what it said
 
     def _fail(self, code: int, reason: str) -> None:
+        self._failed = True
+        self._parts = None
+        self._decoder = None
         self._proto.fail(code, reason)
         if self.conn is not None:
             self.conn.close(code, reason)
