@@ -43,7 +43,7 @@ class ServerSettings(_Section):
     #: Seconds from TCP accept until the WebSocket upgrade must be complete.
     handshake_timeout: float = Field(10.0, gt=0, le=300)
     #: Who serves a socket whose first request is a WebSocket upgrade: ``direct`` (the
-    #: hub's own engine on websockets' sans-I/O protocol, ~9 KiB less per connection) or
+    #: hub's own engine on websockets' sans-I/O protocol, ~12 KiB less per connection) or
     #: ``aiohttp``. Other requests, and upgrades on kept-alive connections, are aiohttp's.
     ws_engine: Literal["direct", "aiohttp"] = "direct"
     #: Seconds an HTTP request body may take to arrive, from when the hub starts reading
