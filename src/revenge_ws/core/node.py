@@ -966,16 +966,20 @@ class Node:
 
     # -- housekeeping ----------------------------------------------------------------
     async def _sweep(self) -> None:
-        interval = self.settings.heartbeat.interval
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            now = time.monotonic()
-            for conn in self.hub:
-                if conn.closed:
-                    continue
-                verdict = conn.session.check(now)
-                if verdict is not None:
-                    conn.close(verdict.code, verdict.reason)
-                elif now - conn.session.last_seen >= interval and now - conn.last_ping >= interval:
-                    conn.last_ping = now
-                    conn.transport.ping()
+            # In a function of its own: a loop variable here would keep the last connection
+            # it saw (and its socket) alive while the sweeper sleeps.
+            self._sweep_once(time.monotonic())
+
+    def _sweep_once(self, now: float) -> None:
+        interval = self.settings.heartbeat.interval
+        for conn in self.hub:
+            if conn.closed:
+                continue
+            verdict = conn.session.check(now)
+            if verdict is not None:
+                conn.close(verdict.code, verdict.reason)
+            elif now - conn.session.last_seen >= interval and now - conn.last_ping >= interval:
+                conn.last_ping = now
+                conn.transport.ping()

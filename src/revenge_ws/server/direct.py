@@ -33,7 +33,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from typing import Any, cast
@@ -105,10 +105,17 @@ def _cookies(header: str | None) -> dict[str, str]:
     return {key: morsel.value for key, morsel in jar.items()}
 
 
-def _select_subprotocol(_p: ServerProtocol, offered: Any) -> Subprotocol | None:
-    # A client that offers no subprotocol (or others) is served without one, as on the
-    # aiohttp path: the contract's subprotocol is advisory for clients.
-    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in offered else None
+class _Protocol(ServerProtocol):
+    """websockets' server protocol with the hub's subprotocol rule.
+
+    An override rather than the ``select_subprotocol`` argument: that one is stored as a
+    method bound to the instance, a reference cycle that keeps every closed connection's
+    protocol alive until the next full garbage collection."""
+
+    def select_subprotocol(self, subprotocols: Sequence[Subprotocol]) -> Subprotocol | None:
+        # A client that offers no subprotocol (or others) is served without one, as on
+        # the aiohttp path: the contract's subprotocol is advisory for clients.
+        return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in subprotocols else None
 
 
 def _response(status: int, body: bytes, extra: Iterable[tuple[str, str]] = ()) -> Response:
@@ -205,9 +212,8 @@ class Socket(asyncio.Protocol):
         self._engine = engine
         self._t = transport
         self._tail = tail
-        self._proto = ServerProtocol(
+        self._proto = _Protocol(
             subprotocols=[Subprotocol(SUBPROTOCOL)],
-            select_subprotocol=_select_subprotocol,
             max_size=engine.node.settings.limits.message_size,
             logger=_WS_LOG,
         )
@@ -328,6 +334,8 @@ class Socket(asyncio.Protocol):
         self._flush()
 
     def _resume(self) -> None:
+        if self._t.is_closing():
+            return  # gone meanwhile: connection_lost has run
         tail, self._tail = self._tail, b""
         if tail:
             self._feed(tail)
@@ -354,9 +362,10 @@ class Socket(asyncio.Protocol):
         self._feed(data)
 
     def eof_received(self) -> bool | None:
-        with contextlib.suppress(Exception):  # a second end of stream, or mid-frame
-            self._proto.receive_eof()
-        return None  # the transport closes itself
+        # Not passed to websockets: the transport closes itself (and connection_lost
+        # follows); websockets would only store an EOFError whose traceback references
+        # the protocol, a cycle that outlives the connection.
+        return None
 
     def _feed(self, data: bytes) -> None:
         proto = self._proto
@@ -536,8 +545,16 @@ class Socket(asyncio.Protocol):
         if self._closer is not None:
             self._closer.cancel()
             self._closer = None
+        # websockets' parser is a generator whose frame references its protocol: closing
+        # it (nothing is parsed after this) lets the protocol go without the collector.
+        with contextlib.suppress(Exception):
+            self._proto.parser.close()
         conn = self.conn
         if conn is not None:
+            # The connection and this socket point at each other: break the cycle, so both
+            # are freed when node.closed is done, not at the next full garbage collection
+            # (rare in the hub's process: app.tune_gc).
+            self.conn = None
             node = self._engine.node
             if conn.close_code is None:
                 sent = self._proto.close_sent
