@@ -14,19 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import tracemalloc
 from collections import Counter
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from tests.helpers import make_settings, running_hub
 
-from tests.helpers import make_settings, running_hub  # noqa: E402
-
-from bench.common import SECRET, raise_nofile  # noqa: E402
-from bench.run import LoadProc, Progress  # noqa: E402
+from bench.common import SECRET, raise_nofile
+from bench.run import LoadProc, Progress
 
 #: Path fragments that name who allocated, innermost first wins.
 OWNERS = ("revenge_ws/", "websockets/", "aiohttp/", "yarl/", "multidict/", "asyncio/", "uvloop/")

@@ -339,9 +339,10 @@ class _FirstRequestDeadline(asyncio.Protocol):
         self._buf = b""
         head = buf[: end + 4]
         assert self._engine is not None
-        if self._engine.wants(head):
+        route = self._engine.wants(head)
+        if route is not None:
             self.request_seen()
-            self._engine.take(self._transport, head, buf[end + 4 :])
+            self._engine.take(self._transport, head, buf[end + 4 :], route)
         else:
             self._delegate(buf)
 

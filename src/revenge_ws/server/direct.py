@@ -39,6 +39,7 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Any, cast
 from urllib.parse import parse_qsl, unquote
 
+from aiohttp.log import access_logger as access_log
 from websockets.datastructures import Headers
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
@@ -49,15 +50,14 @@ from websockets.typing import Subprotocol
 from ..codes import CloseCode, ErrorCode
 from ..core.connection import Connection
 from ..core.node import Node
-from ..protocol import SUBPROTOCOL, encode, now_ms
-from .errors import STATUS
+from ..protocol import SUBPROTOCOL, now_ms
+from .errors import Refusal
 from .logs import log_access
-from .ws import CLOSE_TIMEOUT, Refusal, Upgrade, admit, control_frame
+from .ws import CLOSE_TIMEOUT, Upgrade, admit, control_frame
 
 __all__ = ["Engine", "Socket"]
 
 log = logging.getLogger("revenge_ws.ws")
-access_log = logging.getLogger("aiohttp.access")
 #: websockets logs the request line, ``?token=`` included, and every frame at DEBUG: its
 #: protocol objects get this logger, which never has DEBUG on (credentials stay out of logs).
 _WS_LOG = logging.getLogger("revenge_ws.ws.protocol")
@@ -130,13 +130,8 @@ def _response(status: int, body: bytes, extra: Iterable[tuple[str, str]] = ()) -
     return Response(status, HTTPStatus(status).phrase, headers, body)
 
 
-def refusal_response(refusal: Refusal) -> Response:
-    """A :class:`Refusal` as the HTTP answer to the upgrade (the contract's JSON body)."""
-    body = encode({"error": {"code": refusal.code.value, "message": refusal.message}})
-    extra = []
-    if refusal.retry_after:
-        extra.append(("Retry-After", str(max(1, round(refusal.retry_after)))))
-    return _response(STATUS[refusal.code], body, extra)
+#: Which of our endpoints, and its room or job: ``("hub" | "echo", room_id, job_id)``.
+Route = tuple[str, str | None, str | None]
 
 
 class Engine:
@@ -149,8 +144,8 @@ class Engine:
         #: Serve the conformance echo endpoint (``debug.echo``) on this engine too.
         self.echo = echo
 
-    def route(self, target: str) -> tuple[str, str | None, str | None] | None:
-        """``("hub" | "echo", room_id, job_id)`` for one of our paths, else None."""
+    def route(self, target: str) -> Route | None:
+        """The :data:`Route` of one of our paths, else None."""
         path = target.partition("?")[0]
         if path == _EXACT:
             return "hub", None, None
@@ -165,23 +160,26 @@ class Engine:
                 return ("hub", value, None) if name == "room_id" else ("hub", None, value)
         return None
 
-    def wants(self, head: bytes) -> bool:
-        """Is this complete request head an upgrade to one of our paths?"""
+    def wants(self, head: bytes) -> Route | None:
+        """The route of this complete request head if it is an upgrade to one of our
+        paths, else None."""
         line = head[: head.find(b"\r\n")].split(b" ")
         if len(line) != 3 or line[0] != b"GET" or line[2] != b"HTTP/1.1":
-            return False
+            return None
         try:
             target = line[1].decode("ascii")
         except UnicodeDecodeError:
-            return False
-        return self.route(target) is not None and _UPGRADE.search(head) is not None
+            return None
+        if _UPGRADE.search(head) is None:
+            return None
+        return self.route(target)
 
-    def take(self, transport: asyncio.Transport, head: bytes, tail: bytes) -> Socket:
-        """Serve the upgrade in ``head`` (a complete request head that :meth:`wants`
-        accepted) on ``transport``; ``tail`` is what the client sent after it."""
+    def take(self, transport: asyncio.Transport, head: bytes, tail: bytes, route: Route) -> Socket:
+        """Serve the upgrade in ``head`` (a complete request head whose route
+        :meth:`wants` gave) on ``transport``; ``tail`` is what the client sent after it."""
         sock = Socket(self, transport, tail)
         transport.set_protocol(sock)
-        sock.start(head)
+        sock.start(head, route)
         return sock
 
 
@@ -234,7 +232,8 @@ class Socket(asyncio.Protocol):
         self.buffered = transport.get_write_buffer_size
 
     # -- handshake ---------------------------------------------------------------------
-    def start(self, head: bytes) -> None:
+    def start(self, head: bytes, route: Route) -> None:
+        self._kind = route[0]
         proto = self._proto
         proto.receive_data(head)
         events = proto.events_received()
@@ -245,11 +244,12 @@ class Socket(asyncio.Protocol):
             return
         # Nothing more is read until the handshake is decided (admission awaits).
         self._t.pause_reading()
-        self._engine.node.spawn(self._handshake(request), "ws-handshake")
+        self._path = request.path.partition("?")[0]
+        self._engine.node.spawn(self._handshake(request, route), "ws-handshake")
 
-    async def _handshake(self, request: Request) -> None:
+    async def _handshake(self, request: Request, route: Route) -> None:
         try:
-            await self._open(request)
+            await self._open(request, route)
             # websockets' parser keeps the request in its generator frame for the
             # connection's life (~2.5 KiB of parsed headers per idle connection): empty it.
             request.headers.clear()
@@ -263,13 +263,9 @@ class Socket(asyncio.Protocol):
             else:
                 self._t.abort()
 
-    async def _open(self, request: Request) -> None:
-        engine = self._engine
-        node = engine.node
-        route = engine.route(request.path)
-        assert route is not None  # Engine.wants checked it
-        self._kind, room, job = route
-        self._path = request.path.partition("?")[0]
+    async def _open(self, request: Request, route: Route) -> None:
+        node = self._engine.node
+        _, room, job = route
         headers = _FirstValues(request.headers)
         up = Upgrade(headers, _query(request.path), _cookies(headers.get("Cookie")), room, job)
         if self._kind == "echo":
@@ -304,14 +300,9 @@ class Socket(asyncio.Protocol):
         if response.status_code != 101:
             # A bad key, version or Connection header: websockets' status and headers,
             # the contract's JSON body.
-            body = encode(
-                {
-                    "error": {
-                        "code": ErrorCode.INVALID_MESSAGE.value,
-                        "message": f"invalid WebSocket handshake: {proto.handshake_exc}",
-                    }
-                }
-            )
+            body = Refusal(
+                ErrorCode.INVALID_MESSAGE, f"invalid WebSocket handshake: {proto.handshake_exc}"
+            ).body()
             skip = {"content-type", "content-length", "connection"}
             extra = [(k, v) for k, v in response.headers.raw_items() if k.lower() not in skip]
             status = response.status_code
@@ -329,8 +320,9 @@ class Socket(asyncio.Protocol):
         return True
 
     def _refuse(self, refusal: Refusal) -> None:
-        self._proto.send_response(refusal_response(refusal))
-        self._log(STATUS[refusal.code])
+        """Answer the upgrade with ``refusal`` (the contract's JSON body) and close."""
+        self._proto.send_response(_response(refusal.status, refusal.body(), refusal.headers()))
+        self._log(refusal.status)
         self._flush()
 
     def _resume(self) -> None:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from aiohttp import web
 
 from ..codes import ErrorCode
 from ..exceptions import BrokerUnavailable, StoreUnavailable
 from ..protocol import encode
 
-__all__ = ["STATUS", "UNAVAILABLE_ERRORS", "error_response", "unavailable_response"]
+__all__ = [
+    "STATUS",
+    "UNAVAILABLE",
+    "UNAVAILABLE_ERRORS",
+    "Refusal",
+    "error_response",
+    "unavailable_response",
+]
 
 #: Failures of a dependency (broker, store, a timeout on either): the request may be
 #: repeated, so they are answered 503 ``UNAVAILABLE``, never 500.
@@ -30,18 +39,46 @@ STATUS: dict[ErrorCode, int] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An error answered over plain HTTP: the contract's JSON body, and ``Retry-After``
+    when the request may be repeated. Rendered by aiohttp (:meth:`response`) or by the
+    direct WebSocket engine (:attr:`status`, :meth:`body`, :meth:`headers`)."""
+
+    code: ErrorCode
+    message: str
+    retry_after: float | None = None
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.code]
+
+    def body(self) -> bytes:
+        return encode({"error": {"code": self.code.value, "message": self.message}})
+
+    def headers(self) -> list[tuple[str, str]]:
+        if not self.retry_after:
+            return []
+        return [("Retry-After", str(max(1, round(self.retry_after))))]
+
+    def response(self) -> web.Response:
+        return web.Response(
+            status=self.status,
+            body=self.body(),
+            content_type="application/json",
+            headers=dict(self.headers()) or None,
+        )
+
+
+#: The answer to one of :data:`UNAVAILABLE_ERRORS`: 503, retry in a second.
+UNAVAILABLE = Refusal(ErrorCode.UNAVAILABLE, "temporarily unavailable", 1)
+
+
 def error_response(
     code: ErrorCode, message: str, *, retry_after: float | None = None
 ) -> web.Response:
-    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after else None
-    return web.Response(
-        status=STATUS[code],
-        body=encode({"error": {"code": code.value, "message": message}}),
-        content_type="application/json",
-        headers=headers,
-    )
+    return Refusal(code, message, retry_after).response()
 
 
 def unavailable_response() -> web.Response:
-    """The answer to one of :data:`UNAVAILABLE_ERRORS`: 503, retry in a second."""
-    return error_response(ErrorCode.UNAVAILABLE, "temporarily unavailable", retry_after=1)
+    return UNAVAILABLE.response()

@@ -25,7 +25,7 @@ from ..core.node import Node
 from ..core.session import Close
 from ..exceptions import AuthError, ProtocolError
 from ..protocol import SUBPROTOCOL, now_ms
-from .errors import UNAVAILABLE_ERRORS, error_response
+from .errors import UNAVAILABLE, UNAVAILABLE_ERRORS, Refusal
 
 __all__ = [
     "AiohttpTransport",
@@ -121,18 +121,6 @@ class Upgrade:
             info.get("room_id"),
             info.get("job_id"),
         )
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """A handshake answered with an HTTP error instead of the upgrade."""
-
-    code: ErrorCode
-    message: str
-    retry_after: float | None = None
-
-    def response(self) -> web.Response:
-        return error_response(self.code, self.message, retry_after=self.retry_after)
 
 
 #: Admitted: the token's claims, the new session id, extra channels, the room to join.
@@ -244,7 +232,7 @@ async def admit(up: Upgrade, node: Node) -> Refusal | Admitted:
     except UNAVAILABLE_ERRORS as exc:
         log.warning("handshake refused: unavailable: %s", exc)
         node.observer.handshake_refused(ErrorCode.UNAVAILABLE.value)
-        return Refusal(ErrorCode.UNAVAILABLE, "temporarily unavailable", 1)
+        return UNAVAILABLE
 
 
 async def _admit(up: Upgrade, node: Node) -> Refusal | Admitted:
