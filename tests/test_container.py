@@ -1,0 +1,208 @@
+"""The container image (Containerfile) built with podman on a Debian base and run: health,
+a WebSocket client on the host, a notification that survives a restart on the same volume,
+``podman stop`` ending in 1012 and exit 0, a non-root hub. Images are built as described in
+tests/container_fixtures.py (one image build per session, cached bases and wheels)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from revenge_ws.auth import mint_token
+
+from .container_fixtures import ROOT, RUN_FLAGS, HubImage, hub_image, podman, require_podman
+from .helpers import WS, free_port, make_settings
+
+pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(1500)]
+
+
+@pytest.fixture(scope="module")
+def image() -> HubImage:
+    require_podman()
+    return hub_image()
+
+
+@dataclass
+class Secrets:
+    """A random JWT secret and API key per test; never written to a log or a file."""
+
+    jwt: str
+    api_key: str
+
+    def env(self) -> dict[str, str]:
+        return {"REVENGE_JWT_SECRET": self.jwt, "REVENGE_API_KEYS": self.api_key}
+
+    def token(self, sub: str) -> str:
+        return mint_token(make_settings({"REVENGE_JWT_SECRET": self.jwt}).jwt, sub)
+
+
+@pytest.fixture
+def creds() -> Secrets:
+    return Secrets(secrets.token_hex(32), secrets.token_urlsafe(24))
+
+
+@pytest.fixture
+def volume() -> Iterator[str]:
+    name = f"revenge-ws-test-{secrets.token_hex(4)}"
+    podman("volume", "create", name)
+    try:
+        yield name
+    finally:
+        podman("volume", "rm", "--force", name, check=False)
+
+
+@dataclass
+class Container:
+    name: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def logs(self) -> str:
+        out = podman("logs", self.name, check=False)
+        return out.stdout + out.stderr
+
+    def state(self, field: str) -> str:
+        fmt = "{{.State." + field + "}}"
+        return podman("inspect", "--format", fmt, self.name).stdout.strip()
+
+    def exec(self, *cmd: str) -> str:
+        return podman("exec", self.name, *cmd).stdout
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        """Until GET /healthz answers 200 through the published port (bounded)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.state("Running") != "true":
+                raise AssertionError(f"the container exited:\n{self.logs()[-3000:]}")
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError),
+                urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as r,
+            ):
+                if r.status == 200:
+                    return
+            time.sleep(0.2)
+        raise AssertionError(f"no 200 from /healthz in {timeout}s:\n{self.logs()[-3000:]}")
+
+
+@contextlib.contextmanager
+def hub_container(image: HubImage, creds: Secrets, volume: str) -> Iterator[Container]:
+    """The hub image on 127.0.0.1:<free port> with ``volume`` at /data, removed at the end
+    whatever happens. The secrets reach podman through its environment (``--env NAME``
+    without a value), never its command line."""
+    c = Container(f"revenge-ws-test-{secrets.token_hex(4)}", free_port())
+    try:
+        podman(
+            "run",
+            "--detach",
+            "--name",
+            c.name,
+            *RUN_FLAGS,
+            "--publish",
+            f"127.0.0.1:{c.port}:8080",
+            "--volume",
+            f"{volume}:/data",
+            *(flag for key in creds.env() for flag in ("--env", key)),
+            "--env",
+            "REVENGE_LOGGING_JSON_FORMAT=true",
+            image.tag,
+            env=creds.env(),
+        )
+        c.wait_healthy()
+        yield c
+    finally:
+        podman("rm", "--force", "--time", "0", c.name, check=False)
+
+
+async def connect(s: aiohttp.ClientSession, c: Container, token: str) -> WS:
+    ws = WS(await s.ws_connect(f"ws://127.0.0.1:{c.port}/api/v1/ws?token={token}"))
+    ws.welcome = await ws.recv(timeout=10)
+    assert ws.welcome["type"] == "welcome"
+    return ws
+
+
+def test_image_metadata(image: HubImage) -> None:
+    info: list[dict[str, Any]] = orjson.loads(podman("image", "inspect", image.tag).stdout)
+    config = info[0]["Config"]
+    labels = config["Labels"]
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert labels["org.opencontainers.image.version"] == version
+    assert labels["org.opencontainers.image.licenses"] == "MIT"
+    assert labels["org.opencontainers.image.source"]
+    assert config["User"] == "revenge:revenge"
+    assert config["Entrypoint"] == ["revenge-ws"] and config["Cmd"] == ["serve"]
+    assert "REVENGE_SERVER_HOST=0.0.0.0" in config["Env"]
+    assert "/data" in config["Volumes"]
+    assert "/healthz" in " ".join(info[0]["Healthcheck"]["Test"])
+    # Neither a compiler nor pip in the final image; the hub imports with its extras.
+    out = podman(
+        "run",
+        "--rm",
+        *RUN_FLAGS,
+        "--network",
+        "none",
+        "--entrypoint",
+        "sh",
+        image.tag,
+        "-c",
+        "command -v gcc cc pip pip3; python3 -c 'import asyncpg, redis, uvloop, revenge_ws'",
+        check=False,
+    )
+    assert out.returncode == 0 and out.stdout == "", out.stdout + out.stderr
+    base = int(podman("image", "inspect", "--format", "{{.Size}}", image.base).stdout)
+    print(f"\n{image.tag}: {image.size / 1e6:.1f} MB ({(image.size - base) / 1e6:.1f} MB above "
+          f"the base {image.base}, {base / 1e6:.1f} MB)")  # fmt: skip
+
+
+async def test_serve_restart_and_stop(image: HubImage, creds: Secrets, volume: str) -> None:
+    headers = {"Authorization": f"Bearer {creds.api_key}"}
+    async with aiohttp.ClientSession() as s:
+        with hub_container(image, creds, volume) as c:
+            # The hub is PID 1 (exec form, so SIGTERM reaches it) and not root.
+            assert "revenge-ws\0serve" in c.exec("cat", "/proc/1/cmdline")
+            uids = next(x for x in c.exec("cat", "/proc/1/status").splitlines() if x[:4] == "Uid:")
+            assert uids.split()[1:] == ["10001"] * 4
+            assert c.exec("id", "-un").strip() == "revenge"
+            # The image's own HEALTHCHECK passes.
+            assert podman("healthcheck", "run", c.name, check=False).returncode == 0
+            alice = await connect(s, c, creds.token("alice"))
+            async with s.post(
+                f"{c.url}/api/v1/realtime/notify",
+                headers=headers,
+                json={"user_id": "bob", "notification_type": "test.durable", "title": "kept"},
+            ) as r:
+                assert r.status == 200, await r.text()
+                (stored,) = (await r.json())["ids"]
+            # podman stop: SIGTERM, the client gets 1012, the hub exits 0 within its budget.
+            stop = asyncio.create_task(
+                asyncio.to_thread(podman, "stop", "--time", "20", c.name, timeout=60)
+            )
+            assert await alice.closed(timeout=20) == 1012
+            await stop
+            assert c.state("ExitCode") == "0", c.logs()[-3000:]
+            logs = c.logs()
+            assert "Traceback" not in logs
+            assert creds.jwt not in logs and creds.api_key not in logs
+            events = [orjson.loads(x) for x in logs.splitlines() if x.startswith("{")]
+            closes = [e["close_code"] for e in events if e.get("event") == "disconnect"]
+            assert closes == [1012]
+        # A new container on the same volume re-sends bob's stored notification.
+        with hub_container(image, creds, volume) as c:
+            bob = await connect(s, c, creds.token("bob"))
+            note = await bob.recv_type("notification", timeout=10)
+            assert note["data"]["id"] == stored and note["data"]["title"] == "kept"
+            await bob.close()
