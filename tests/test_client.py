@@ -22,10 +22,12 @@ from aiohttp import web
 from revenge_ws.client import (
     Client,
     ClockSync,
+    OnlineUsers,
     ReconnectPolicy,
     SubscribeError,
     advised_window,
     backoff_delay,
+    parse_presence,
     reconnect_delay,
     restart_delay,
 )
@@ -151,7 +153,59 @@ def test_reconnect_rules() -> None:
         ReconnectPolicy(backoff_min=0)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 42, 2026])
+def test_advised_window_spreads_the_first_attempt_after_any_reconnect_close(seed: int) -> None:
+    """Contract §12: 4002 and 4003 closes that advise a window spread the first attempt
+    uniformly over it (without one they back off as before); 4004 waits its floor, then
+    the advised spread."""
+    rng = random.Random(seed)
+    policy = ReconnectPolicy()
+    for code in (4002, 4003, 1001, 1012):
+        delays = [reconnect_delay(policy, 0, rng, code=code, window=8.0) for _ in range(1000)]
+        assert all(0.0 <= d < 8.0 for d in delays)
+        assert min(delays) < 0.5 and max(delays) > 7.0, code  # the whole window, no floor
+        assert max(Counter(int(d) for d in delays).values()) <= 300
+    for code in (4002, 4003):
+        assert all(0.5 <= reconnect_delay(policy, 0, rng, code=code) <= 1.0 for _ in range(200))
+    delays = [reconnect_delay(policy, 0, rng, code=4004, window=10.0) for _ in range(1000)]
+    assert all(5.0 <= d <= 15.0 for d in delays) and max(delays) > 14.0
+    assert max(Counter(int(d) for d in delays).values()) <= 300
+    # Later attempts never wait less than the backoff.
+    late = [reconnect_delay(policy, 8, rng, code=4002, window=1.0) for _ in range(1000)]
+    assert min(late) >= 0.5 and max(late) > 15.0
+    # The draws are the spread's own: the same seed gives the same delay.
+    assert reconnect_delay(policy, 0, random.Random(seed), code=4003, window=5.0) == (
+        random.Random(seed).uniform(0.0, 5.0)
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_a_503_waits_retry_after_plus_the_advised_window(seed: int) -> None:
+    rng = random.Random(seed)
+    policy = ReconnectPolicy()
+    delays = [
+        reconnect_delay(policy, 0, rng, http_status=503, retry_after=3.0, window=20.0)
+        for _ in range(1000)
+    ]
+    assert all(3.0 <= d <= 23.0 for d in delays) and max(delays) > 22.0
+    assert max(Counter(int(d) for d in delays).values()) <= 300
+    # No advised window: the restart window; a window without Retry-After still spreads.
+    assert all(
+        3.0 <= reconnect_delay(policy, 0, rng, http_status=503, retry_after=3.0) <= 8.0
+        for _ in range(200)
+    )
+    bare = [reconnect_delay(policy, 0, rng, http_status=503, window=10.0) for _ in range(1000)]
+    assert min(bare) >= 0.5 and max(bare) > 9.0
+    # 429 is unchanged: Retry-After (or 5 s), then U(0, rate_limit_spread).
+    assert all(
+        7.0 <= reconnect_delay(policy, 0, rng, http_status=429, retry_after=7.0) <= 12.0
+        for _ in range(200)
+    )
+
+
 def test_advised_window_parsing() -> None:
+    assert advised_window("slow consumer; window=5") == 5.0
+    assert advised_window("rate limited; window=5") == 5.0
     assert advised_window("restart; window=10") == 10.0
     assert advised_window("restart window=2500ms") == 2.5
     assert advised_window("restart_window: 3s") == 3.0
@@ -160,6 +214,46 @@ def test_advised_window_parsing() -> None:
     assert advised_window("") is None
     assert advised_window(None) is None
     assert advised_window("nowindow=5") is None
+
+
+# -- presence (pure) -----------------------------------------------------------------
+def presence(online: list[str], offline: list[str]) -> dict[str, Any]:
+    def users(ids: list[str]) -> list[dict[str, str]]:
+        return [{"user_id": u, "name": u.title()} for u in ids]
+
+    return {
+        "type": "activity.presence",
+        "channel": "activity",
+        "seq": 1,
+        "data": {"online": users(online), "offline": users(offline)},
+    }
+
+
+def test_online_users_follow_presence_messages() -> None:
+    online = OnlineUsers()
+    online.apply(presence(["ann", "bob"], []))
+    online.apply({"type": "activity.user_watching", "data": {"user_id": "cat", "name": "C"}})
+    assert list(online) == ["ann", "bob"] and "cat" not in online
+    online.apply(presence(["cat"], ["ann"]))
+    assert online.users == {"bob": "Bob", "cat": "Cat"} and len(online) == 2
+    online.apply(presence([], ["zed"]))  # offline before this tracker saw them online
+    online.apply(presence(["bob"], []))  # already known: stays once
+    assert list(online) == ["bob", "cat"]
+    online.clear()
+    assert len(online) == 0 and repr(online) == "OnlineUsers([])"
+
+
+def test_parse_presence_keeps_well_formed_entries_only() -> None:
+    msg = {
+        "type": "activity.presence",
+        "data": {
+            "online": [{"user_id": "ann"}, {"name": "no id"}, "bob", {"user_id": 3}],
+            "offline": None,
+        },
+    }
+    assert parse_presence(msg) == {"online": [{"user_id": "ann", "name": "ann"}], "offline": []}
+    assert parse_presence({"type": "activity.presence", "data": []}) is None
+    assert parse_presence({"type": "activity.user_online", "data": {"user_id": "a"}}) is None
 
 
 # -- Tracker (pure) ------------------------------------------------------------------
@@ -512,8 +606,19 @@ class FakeHub:
         self.conns: asyncio.Queue[FakeConn] = asyncio.Queue()
         self.runner: web.AppRunner | None = None
         self.port = 0
+        #: While set, handshakes are refused with this status and these headers.
+        self.refusal: tuple[int, dict[str, str]] | None = None
+        self.refused = 0
 
-    async def handler(self, request: web.Request) -> web.WebSocketResponse:
+    async def handler(self, request: web.Request) -> web.StreamResponse:
+        if self.refusal is not None:
+            self.refused += 1
+            status, headers = self.refusal
+            return web.json_response(
+                {"error": {"code": "UNAVAILABLE", "message": "busy"}},
+                status=status,
+                headers=headers,
+            )
         ws = web.WebSocketResponse(protocols=("revenge.v1",))
         await ws.prepare(request)
         conn = FakeConn(ws)
@@ -745,6 +850,34 @@ async def test_resubscribe_refused_and_watchdog_scripted(fake: FakeHub) -> None:
         await c.wait_connected(5)
         assert [e["data"]["channel"] for e in errors] == ["library:x"]
         assert c.channels == ["activity"]
+
+
+async def test_spread_windows_from_a_close_reason_and_a_503_scripted(fake: FakeHub) -> None:
+    """The window a 4002 close advises and a 503's Reconnect-Window header reach the
+    delay: with a seeded rng the client waits exactly what the pure rules give."""
+    policy = ReconnectPolicy()
+    expected = random.Random(11)
+    first = reconnect_delay(policy, 0, expected, code=4002, window=0.3)
+    second = reconnect_delay(policy, 1, expected, http_status=503, retry_after=1.0, window=0.25)
+    async with Client(fake.url, token="t", rng=random.Random(11)) as c:
+        seen = events(c, "client.disconnected")
+        conn = await fake.next_conn()
+        await conn.send(welcome([]))
+        await c.wait_connected(5)
+        fake.refusal = (503, {"Retry-After": "1", "Reconnect-Window": "0.25"})
+        await conn.ws.close(code=4002, message=b"slow consumer; window=300ms")
+        await until(lambda: fake.refused == 1, what="the refused attempt")
+        fake.refusal = None
+        conn = await fake.next_conn(timeout=10)
+        await conn.send(welcome([]))
+        await c.wait_connected(5)
+    assert [(e["data"]["code"], e["data"]["http_status"]) for e in seen[:2]] == [
+        (4002, None),
+        (None, 503),
+    ]
+    assert seen[0]["data"]["reconnect_in"] == pytest.approx(first)
+    assert seen[1]["data"]["reconnect_in"] == pytest.approx(second)
+    assert first < 0.3 and 1.0 <= second < 1.25
 
 
 # -- docs/client.md ----------------------------------------------------------------------

@@ -11,11 +11,14 @@ What it does by itself (details and numbers in ``docs/client.md``):
 
 - reconnects after a network loss and after every reconnect-class close code
   (:func:`revenge_ws.codes.should_reconnect`) with full-jitter exponential backoff
-  (0.5 s → 20 s); after 1001/1012 (server restart) the first attempt is spread
-  uniformly over a window (5 s, or what the server advises); 4004 waits at least 5 s;
-  4001 asks the token provider for a fresh token first. It never reconnects after a
-  terminal code: :class:`~revenge_ws.exceptions.ConnectionClosed` is stored and raised
-  to the application (``messages()``, ``request()``, ``wait_closed()``);
+  (0.5 s → 20 s); after 1001/1012 (server restart), and after any close whose reason
+  advises a window (4002, 4003: ``"slow consumer; window=5"``), the first attempt is
+  spread uniformly over that window (5 s by default for 1001/1012); 4004 waits at least
+  5 s, then the spread; a handshake refused with 503 waits ``Retry-After`` plus a spread
+  over ``Reconnect-Window``; 4001 asks the token provider for a fresh token first. It
+  never reconnects after a terminal code: :class:`~revenge_ws.exceptions.ConnectionClosed`
+  is stored and raised to the application (``messages()``, ``request()``,
+  ``wait_closed()``);
 - after a reconnect it re-subscribes every channel (automatic ones too) with ``since``
   = the last delivered position, drops duplicates by ``(channel, seq)`` (notifications
   by ``data.id``), and when the server answers ``recovered: false`` (or sends
@@ -60,6 +63,7 @@ from ._backoff import (
     restart_delay,
 )
 from ._clock import ClockSample, ClockSync
+from ._presence import OnlineUsers, PresenceData, PresenceUser, parse_presence
 from ._tracker import Tracker, Verdict
 
 __all__ = [
@@ -68,10 +72,14 @@ __all__ = [
     "ClientStats",
     "ClockSample",
     "ClockSync",
+    "OnlineUsers",
+    "PresenceData",
+    "PresenceUser",
     "ReconnectPolicy",
     "SubscribeError",
     "advised_window",
     "backoff_delay",
+    "parse_presence",
     "reconnect_delay",
     "restart_delay",
 ]
@@ -876,7 +884,8 @@ class Client:
             return _Disconnect(
                 reason=f"handshake refused: HTTP {exc.status} {exc.message}",
                 http_status=exc.status,
-                retry_after=_retry_after(exc.headers),
+                retry_after=_header_seconds(exc.headers, "Retry-After"),
+                window=_header_seconds(exc.headers, "Reconnect-Window"),
             )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             if ws is not None:
@@ -1250,10 +1259,12 @@ def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _retry_after(headers: Any) -> float | None:
+def _header_seconds(headers: Any, name: str) -> float | None:
+    """A header holding seconds (``Retry-After``, ``Reconnect-Window``); None when absent
+    or not a number (an HTTP-date ``Retry-After`` falls back to the backoff)."""
     if headers is None:
         return None
-    value = headers.get("Retry-After")
+    value = headers.get(name)
     try:
         return max(0.0, float(value)) if value is not None else None
     except (TypeError, ValueError):
