@@ -15,8 +15,8 @@ Modes:
   Latency phase: an open-loop publisher at fixed rates (steps), each publication stamped
   with its send time (``"t"``); receivers compute publish-to-receive latency.
 - ``idle``: open N connections (memory per idle connection, handshakes/s).
-- ``storm``: N subscribers that reconnect after a server restart with the library's
-  reconnect policy and resubscribe with ``since``; reports when each ack arrived.
+- ``storm``: users that reconnect after a node restart or loss like real apps and check
+  what they receive (``bench/storm_clients.py``).
 """
 
 from __future__ import annotations
@@ -593,134 +593,6 @@ async def idle(cfg: dict[str, Any]) -> None:
         cmds.close()
 
 
-async def storm(cfg: dict[str, Any]) -> None:
-    from revenge_ws.client import ReconnectPolicy, reconnect_delay
-
-    port, n, offset = cfg["port"], cfg["n"], cfg.get("offset", 0)
-    cmds = StdinCommands()
-    await cmds.start()
-    stats = Stats()
-    rng = random.Random(offset)
-    policy = ReconnectPolicy()
-    clients: list[WSClient] = []
-    fresh: list[WSClient] = []
-    recover_s = cfg.get("recover_timeout", 120)
-    #: Connect/ack timeout of one attempt: the Python client's connect_timeout (10 s,
-    #: up to the welcome) + request_timeout (5 s, the subscribe ack).
-    attempt_timeout = cfg.get("attempt_timeout", 15.0)
-    try:
-        toks = tokens("hub", n, offset)
-        clients, errors = await connect_all(
-            "hub",
-            port,
-            toks,
-            stats,
-            concurrency=cfg.get("concurrency", 64),
-            subscribe=True,
-            track=True,
-            deadline=time.monotonic() + cfg.get("connect_timeout", 120),
-        )
-        out("READY", {"connected": len(clients), "errors": errors})
-        if len(clients) < n:
-            raise RuntimeError(f"only {len(clients)} of {n} storm clients connected")
-        arm = await cmds.expect("arm", cfg.get("arm_timeout", 120))
-        k = int(arm.split()[1])
-        t_arm = time.monotonic() + 20
-        while any(c.seq < k for c in clients) and time.monotonic() < t_arm:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        out("ARMED", {"behind": sum(1 for c in clients if c.seq < k)})
-        # Bounded: clients that have not resubscribed by then are reported as such.
-        deadline = time.monotonic() + recover_s
-
-        counters: dict[str, int] = {}
-        acks: list[float] = [0.0] * n
-        closes: list[float] = [0.0] * n
-        recovered_flags = {"recovered": 0, "not_recovered": 0}
-        attempts_total = [0]
-
-        def count(key: str) -> None:
-            counters[key] = counters.get(key, 0) + 1
-
-        async def survive(i: int, c: WSClient) -> None:
-            try:
-                await asyncio.wait_for(c.closed_fut, max(1.0, deadline - time.monotonic()))
-            except TimeoutError:
-                count("never closed by the old hub")
-                return
-            closes[i] = time.time()
-            code = c.close_code
-            count(f"close {code}")
-            since = (c.epoch, c.seq) if c.epoch is not None else None
-            attempt = 0
-            delay = reconnect_delay(policy, attempt, rng, code=code)
-            while True:
-                left = deadline - time.monotonic()
-                if left <= delay + 0.1:
-                    count("gave up at the deadline")
-                    return
-                await asyncio.sleep(delay)
-                attempts_total[0] += 1
-                try:
-                    nc = await open_ws(
-                        "hub",
-                        port,
-                        stats,
-                        token=toks[i],
-                        subscribe=subscribe_message(CHANNEL, since),
-                        track=True,
-                        timeout=max(0.5, min(attempt_timeout, deadline - time.monotonic())),
-                    )
-                except HandshakeRefused as exc:
-                    count(f"http {exc.status}")
-                    attempt += 1
-                    delay = reconnect_delay(
-                        policy, attempt, rng, http_status=exc.status, retry_after=exc.retry_after
-                    )
-                    continue
-                except (OSError, TimeoutError) as exc:
-                    count(type(exc).__name__)
-                    attempt += 1
-                    delay = reconnect_delay(policy, attempt, rng)
-                    continue
-                acks[i] = time.time()
-                fresh.append(nc)
-                subs = (nc.ack or {}).get("subscriptions") or []
-                ok = bool(subs and subs[0].get("recovered"))
-                recovered_flags["recovered" if ok else "not_recovered"] += 1
-                return
-
-        async def report() -> None:
-            while True:
-                await asyncio.sleep(0.5)
-                out("P", {"phase": "storm", "acked": sum(1 for a in acks if a), "of": n})
-
-        reporter = asyncio.create_task(report()) if cfg.get("progress") else None
-        try:
-            await asyncio.gather(
-                *(survive(i, c) for i, c in enumerate(clients)), return_exceptions=True
-            )
-        finally:
-            if reporter is not None:
-                reporter.cancel()
-        out(
-            "R",
-            {
-                "n": n,
-                "acked": sum(1 for a in acks if a),
-                "acks": [round(a, 4) for a in acks if a],
-                "closes": [round(c, 4) for c in closes if c],
-                "outcomes": counters,
-                "attempts": attempts_total[0],
-                "resubscribe": recovered_flags,
-                "recover_timeout_s": recover_s,
-            },
-        )
-        await cmds.expect("stop", cfg.get("hold", 60))
-    finally:
-        await close_all(clients + fresh)
-        cmds.close()
-
-
 async def main_async(cfg: dict[str, Any]) -> None:
     mode = cfg["mode"]
     budget = cfg.get("deadline", 600)
@@ -730,6 +602,8 @@ async def main_async(cfg: dict[str, Any]) -> None:
     elif mode == "idle":
         await asyncio.wait_for(idle(cfg), budget)
     elif mode == "storm":
+        from .storm_clients import run as storm
+
         await asyncio.wait_for(storm(cfg), budget)
     else:
         raise ValueError(f"unknown mode {mode}")

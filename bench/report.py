@@ -303,7 +303,7 @@ def noise_note(results: dict[str, Any]) -> str:
     return text
 
 
-def render(results: dict[str, Any], png_name: str | None) -> str:
+def render(results: dict[str, Any], png_name: str | None, storm_png_name: str | None = None) -> str:
     meta = results["meta"]
     fan = results.get("fanout", {})
     mem = results.get("memory", {})
@@ -639,82 +639,8 @@ def render(results: dict[str, Any], png_name: str | None) -> str:
         )
         a("")
 
-    if storm:
-        a(f"## Reconnect storm: {storm['clients']:,} clients after a restart")
-        a("")
-        a(
-            f"{storm['clients']:,} hub clients (one user each, in "
-            f"{results['meta'].get('storm_procs', 'several')} processes on the load core) "
-            "subscribe to `library:bench` and receive a few publications; then the hub gets "
-            "SIGTERM (it closes every connection with 1012) and a new hub process is started "
-            "on the same port. Each client reconnects with the policy of the Python client "
-            "(`revenge_ws.client.reconnect_delay`: after 1012 the first attempt is spread "
-            "uniformly over 5 s, then full-jitter backoff 0.5–20 s; an HTTP 503 waits "
-            "`Retry-After` plus a spread) and resubscribes with `since` = the position it "
-            "had; it has recovered when the `subscribe` ack is back. Hub settings are the "
-            "defaults (admission 1,000 handshakes/s, burst 2,000). The in-memory broker "
-            "loses history on restart, so every ack says `recovered: false` (new epoch) — "
-            "the client is told to reload, which is the contract."
-        )
-        a("")
-        a(
-            _table(
-                ["", ""],
-                [
-                    [
-                        "SIGTERM → old hub exited",
-                        f"{storm['shutdown_s']} s"
-                        + (
-                            " (exit status 0)"
-                            if storm.get("old_hub_exit_status") == 0
-                            else f" (**exit status {storm.get('old_hub_exit_status')}**: "
-                            "still running after 30 s, killed by the bench; "
-                            "`server.shutdown_timeout` is 15 s)"
-                        ),
-                    ],
-                    ["SIGTERM → new hub accepting", f"{storm['restart_s']} s"],
-                    [
-                        "resubscribed (acks received)",
-                        f"{storm['recovered']:,} / {storm['clients']:,}",
-                    ],
-                    [
-                        "**SIGTERM → every client resubscribed**",
-                        f"**{storm['all_recovered_after_s']} s**"
-                        if storm.get("all_recovered", True)
-                        else f"**not all within {storm.get('recover_timeout_s')} s** "
-                        f"(last ack after {storm.get('last_ack_after_s')} s)",
-                    ],
-                    [
-                        "new hub accepting → every client resubscribed",
-                        f"{storm['all_recovered_after_up_s']} s"
-                        if storm.get("all_recovered", True)
-                        else "—",
-                    ],
-                    [
-                        "p50 / p99 of the clients that resubscribed (from SIGTERM)",
-                        f"{storm['p50_s']} s / {storm['p99_s']} s",
-                    ],
-                    ["connection attempts", f"{storm['connect_attempts']:,}"],
-                    [
-                        "outcomes",
-                        ", ".join(f"{k}: {v:,}" for k, v in sorted(storm["outcomes"].items())),
-                    ],
-                    [
-                        "acks `recovered: true` / `false`",
-                        f"{storm['resubscribe']['recovered']:,} / "
-                        f"{storm['resubscribe']['not_recovered']:,}",
-                    ],
-                    ["new hub CPU until the last ack", f"{storm['new_hub_cpu_s']} s"],
-                ],
-            )
-        )
-        a("")
-        a(
-            "The time splits into the old hub's shutdown, the new process' start-up, and "
-            "the clients' deliberate spread (5 s window, then backoff for those that found "
-            "the port closed); the new hub's CPU time until the last ack shows how busy it "
-            "was meanwhile (see `docs/performance.md`)."
-        )
+    if storm and "scenarios" in storm:
+        L.extend(storm_section(storm, storm_png_name))
         a("")
 
     a("## Method")
@@ -861,14 +787,25 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: dict[str, Any], md: Path, png: Path | None) -> None:
+def _rel(png: Path, md: Path) -> str:
+    try:
+        return str(png.relative_to(md.parent))
+    except ValueError:
+        return str(png)
+
+
+def write_report(
+    results: dict[str, Any], md: Path, png: Path | None, storm_png: Path | None = None
+) -> None:
     png_name = None
     if png is not None:
         plot(results, png)
-        try:
-            png_name = str(png.relative_to(md.parent))
-        except ValueError:
-            png_name = str(png)
+        png_name = _rel(png, md)
+    storm_png_name = None
+    storm = results.get("storm")
+    if storm_png is not None and storm and storm.get("scenarios"):
+        plot_storm(storm, storm_png)
+        storm_png_name = _rel(storm_png, md)
     md.parent.mkdir(parents=True, exist_ok=True)
     # Benchmarks run by their own commands (cross-node, notifications, SyncPlay) live
     # after this marker; a re-render keeps them.
@@ -878,8 +815,236 @@ def write_report(results: dict[str, Any], md: Path, png: Path | None) -> None:
         at = old.find(SEPARATE_MARKER)
         kept = old[at:] if at >= 0 else ""
     md.write_text(
-        render(results, png_name) + "\n" + (("\n" + kept) if kept else ""), encoding="utf-8"
+        render(results, png_name, storm_png_name) + "\n" + (("\n" + kept) if kept else ""),
+        encoding="utf-8",
     )
 
 
 SEPARATE_MARKER = "<!-- separately-run benchmarks: kept by re-renders -->"
+
+
+# -- the storm (issue #14) ---------------------------------------------------------------
+STORM_HEADING = "## Reconnect storm"
+STORM_COLORS = {"a": "#1f77b4", "b": "#d62728", "c": "#2ca02c"}
+
+
+def _yes(ok: bool) -> str:
+    return "✅" if ok else "❌"
+
+
+def _kinds(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}: {v:,}" for k, v in sorted(d.items())) if d else "—"
+
+
+def storm_section(storm: dict[str, Any], png_name: str | None) -> list[str]:
+    """The storm section of docs/benchmarks.md (also spliced alone by a storm-only run)."""
+    sc: dict[str, Any] = storm.get("scenarios") or {}
+    names = sorted(sc)
+    n = storm.get("clients", 0)
+    L: list[str] = []
+    a = L.append
+    a(f"{STORM_HEADING}: {n:,} users come back")
+    a("")
+    a(
+        f"Issue #14, item 4 (`bench/storm.py`, `bench/storm_clients.py`, `bench/balancer.py`). "
+        f"{n:,} users, one connection each, in {storm.get('client_processes')} client "
+        "processes on the load core, hub nodes (and Redis) on the other core. Each user has "
+        "its automatic channels (`notifications:{uid}`, `user:{uid}`) and subscribes to "
+        f"`activity`, `library:l1` and `library:l2`; every {storm.get('notify_every')}th "
+        f"user got {storm.get('notes')} notifications before the storm and never "
+        "acknowledged them. When its connection ends, a user reconnects with the policy of "
+        "the shipped Python client (`revenge_ws.client.reconnect_delay`, given the close "
+        "code, the window its reason advises, and for a refused handshake the status, "
+        "`Retry-After` and `Reconnect-Window`), then subscribes all 5 channels with `since` "
+        "= the last position it saw. It is **back** when that ack arrives. It checks every "
+        "publication (per channel and epoch `seq` + 1; a `recovered: true` entry must add up "
+        "and be followed by exactly the missed publications; at the end every user must "
+        "hold the final position of each channel) and acknowledges the re-sent "
+        "notifications with `notification.ack`. A publisher sends "
+        f"{storm.get('rate'):g} publications/s to the library channels of the live node "
+        "throughout; an observer on `activity` counts the presence publications "
+        "(`activity.presence`, or the older `activity.user_online`/`offline`). Hub "
+        "settings are the defaults except `server.max_connections` (N + 1,000) and a "
+        "SQLite file store (shared by the nodes, kept across the restart)."
+    )
+    a("")
+    a("```sh")
+    a(storm.get("command") or "python -m bench --phases storm")
+    a("```")
+    a("")
+    a(
+        f"Hub commit `{storm.get('commit')}` ({storm.get('hub_src')}), started "
+        f"{storm.get('started')}. Goals: every user back ≤ {storm.get('goal_s'):g} s after "
+        f"the node listens (moonshot ≤ {storm.get('moonshot_s'):g} s), 0 give-ups, 0 gaps, "
+        "presence publications during the storm ≤ storm seconds / "
+        f"{storm.get('presence_window_s'):g} s + 2."
+    )
+    a("")
+    for e in storm.get("errors") or []:
+        a(f"- **{e.splitlines()[0][:300]}**")
+    if storm.get("errors"):
+        a("")
+    if not names:
+        return L
+
+    def row(label: str, fn: Any) -> list[Any]:
+        cells: list[Any] = [label]
+        for k in names:
+            try:
+                cells.append(fn(sc[k]))
+            except (KeyError, TypeError):
+                cells.append("—")
+        return cells
+
+    def t0(r: dict[str, Any]) -> str:
+        return "SIGKILL" if r["scenario"] == "c" else "new node listening"
+
+    def presence(r: dict[str, Any]) -> str:
+        p = r["presence"]
+        text = f"{p['publications']:,} (budget {p['budget']}) {_yes(p['within_budget'])}"
+        if p.get("not_seen_individually"):
+            text += f", {p['not_seen_individually']:,} of them counted from `seq`"
+        return text
+
+    def notes(r: dict[str, Any]) -> str:
+        nt = r["notifications"]
+        return (
+            f"{nt['users_with_all_resent']:,} / {nt['users']:,} users got all "
+            f"{nt['expected_per_user']}; {nt['resent']:,} re-sent, {nt['acked']:,} acked"
+        )
+
+    rows = [
+        row("scenario", lambda r: r["title"]),
+        row("users that had to come back", lambda r: f"{r['movers']:,} of {r['clients']:,}"),
+        row("back", lambda r: f"{r['back']:,}"),
+        row(
+            "**last ack** after t0 (goal 15 s / moonshot 10 s)",
+            lambda r: (
+                f"**{r['max_s']} s** {_yes(r['goal_met'])}" + (" 🌙" if r["moonshot_met"] else "")
+            ),
+        ),
+        row("p50 / p99 after t0", lambda r: f"{r['p50_s']} s / {r['p99_s']} s"),
+        row("t0", t0),
+        row(
+            "old node: SIGTERM → exited / → new node listening",
+            lambda r: (
+                f"{r['shutdown_s']} s (status {r['old_exit_status']}) / "
+                f"{r['listening_after_sigterm_s']} s"
+            ),
+        ),
+        row(
+            "hub CPU from t0 to the last ack (per reconnect)",
+            lambda r: f"{r['hub_cpu_s']} s ({r['hub_cpu_ms_per_reconnect']} ms)",
+        ),
+        row(
+            "Redis / balancer CPU meanwhile",
+            lambda r: " / ".join(
+                "—" if v is None else f"{v} s" for v in (r["redis_cpu_s"], r["balancer_cpu_s"])
+            ),
+        ),
+        row("presence publications t0 → last ack", presence),
+        row(
+            "HTTP 503 (with `Reconnect-Window`)",
+            lambda r: f"{r['http_503']:,} ({r['http_503_with_window']:,})",
+        ),
+        row("connection attempts", lambda r: f"{r['attempts']:,}"),
+        row("gave up", lambda r: f"**{r['gave_up']:,}** {_yes(not r['gave_up'])}"),
+        row("gaps", lambda r: f"**{r['gaps']:,}** {_yes(not r['gaps'])}"),
+        row(
+            "resubscribed entries `recovered: true` / `false`",
+            lambda r: (
+                f"{r['recovered_entries']:,} / {sum(r['unrecovered'].values()):,}"
+                + (" (expected: new epoch)" if r["broker"] == "memory" else "")
+            ),
+        ),
+        row("publications replayed by recovery", lambda r: f"{r['replayed']:,}"),
+        row("notifications re-sent", notes),
+        row(
+            "publisher ok / failed",
+            lambda r: f"{r['publisher']['ok']:,} / {sum(r['publisher']['failed'].values()):,}",
+        ),
+        row(
+            "load average start → end",
+            lambda r: f"{r['loadavg_start'][0]} → {r['loadavg_end'][0]}",
+        ),
+    ]
+    a(_table(["", *[f"({k})" for k in names]], rows))
+    a("")
+    if png_name:
+        a(f"![users back over time, per scenario]({png_name})")
+        a("")
+    a("Details per scenario (counts over all attempts):")
+    a("")
+    for k in names:
+        r = sc[k]
+        a(f"- **({k})** outcomes: {_kinds(r.get('outcomes') or {})}.")
+        if r.get("gap_kinds"):
+            a(f"  Gaps: {_kinds(r['gap_kinds'])}.")
+        if r.get("gave_up_reasons"):
+            a(f"  Gave up: {_kinds(r['gave_up_reasons'])}.")
+        p = r.get("presence") or {}
+        a(
+            f"  Presence by type: {_kinds(p.get('by_type') or {})}; users reported "
+            f"{p.get('users_reported', 0):,}; published while the old node shut down "
+            f"{p.get('before_listening', 0):,}, after the last ack {p.get('after_last_ack', 0):,}."
+        )
+        logs = r.get("hub_log") or {}
+        if logs.get("levels"):
+            top = "; ".join(f"“{t}” × {c:,}" for t, c in logs.get("top") or [])
+            a(f"  Hub log: {_kinds(logs['levels'])} ({top}).")
+    a("")
+    return L
+
+
+def plot_storm(storm: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for k, r in sorted((storm.get("scenarios") or {}).items()):
+        acks = r.get("acks_s") or []
+        if not acks:
+            continue
+        xs = [0.0, *acks]
+        ys = list(range(len(xs)))
+        ax.step(xs, ys, where="post", color=STORM_COLORS.get(k), label=f"({k}) {r['title']}")
+        ax.axhline(r.get("movers", 0), color=STORM_COLORS.get(k), ls=":", lw=0.8)
+    ax.axvline(storm.get("moonshot_s", 10), color="gray", ls="--", lw=1)
+    ax.axvline(storm.get("goal_s", 15), color="green", ls="--", lw=1)
+    ax.set_xlabel("seconds since t0 (new node listening; (c): the SIGKILL)")
+    ax.set_ylabel("users back (subscribe ack received)")
+    ax.set_title(
+        f"Reconnect storm: {storm.get('clients', 0):,} users — goal 15 s (green), "
+        "moonshot 10 s (gray)",
+        fontsize=10,
+    )
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_storm_section(storm: dict[str, Any], md: Path, png: Path | None) -> None:
+    """Replace only the storm section of ``md`` (from its heading to the next ``## ``
+    heading); without one it goes before ``## Method`` (or at the end)."""
+    png_name = None
+    if png is not None and storm.get("scenarios"):
+        plot_storm(storm, png)
+        png_name = _rel(png, md)
+    section = "\n".join(storm_section(storm, png_name)).rstrip("\n") + "\n\n"
+    text = md.read_text(encoding="utf-8") if md.exists() else ""
+    at = text.find("\n" + STORM_HEADING)
+    if at >= 0:
+        end = text.find("\n## ", at + 1)
+        text = text[: at + 1] + section + (text[end + 1 :] if end >= 0 else "")
+    else:
+        method = text.find("\n## Method")
+        if method >= 0:
+            text = text[: method + 1] + section + text[method + 1 :]
+        else:
+            text = text.rstrip("\n") + ("\n\n" if text else "") + section
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(text, encoding="utf-8")

@@ -9,8 +9,9 @@ to one core and the load generator pinned to the other:
    rising fixed rates (20/s first) until the server saturates;
 2. ``memory``: memory per idle connection at 10,000 connections (clients over several
    processes) and handshakes per second;
-3. ``storm``: 5,000 hub clients reconnecting after a restart, resubscribing with
-   ``since``: time until every ack is back.
+3. ``storm``: 10,000 users coming back after a node restart (memory broker, Redis) or
+   the loss of one of two nodes behind a balancer, like real apps: resubscribing with
+   ``since``, checking for gaps, acknowledging re-sent notifications (``bench/storm.py``).
 
 Results go to ``docs/benchmarks.md`` (+ ``docs/benchmarks.png``) and
 ``bench/results/latest.json``. ``--quick`` is a small run, ``--progress`` shows a live
@@ -43,15 +44,10 @@ if __package__ in (None, ""):  # ``python bench/run.py``
 import orjson
 
 from bench.common import (
-    API_KEY,
-    CHANNEL,
     KINDS,
-    MTYPE,
     ROOT,
     cores,
-    free_port,
     loadavg,
-    percentile,
     pin,
     proc_cpu,
     proc_rss,
@@ -78,9 +74,10 @@ class Preset:
     step: float = 3.0
     idle_connections: int = 10_000
     idle_procs: int = 4
-    storm_clients: int = 5_000
-    storm_procs: int = 2
-    storm_timeout: float = 120.0
+    storm_clients: int = 10_000
+    storm_procs: int = 4
+    storm_timeout: float = 180.0
+    storm_scenarios: tuple[str, ...] = ("a", "b", "c")
     fanout_servers: tuple[str, ...] = KINDS
     memory_servers: tuple[str, ...] = ("hub", "aiohttp-frame", "socketio")
 
@@ -95,9 +92,9 @@ PRESETS = {
         step=1.5,
         idle_connections=1000,
         idle_procs=2,
-        storm_clients=300,
-        storm_procs=1,
-        storm_timeout=60.0,
+        storm_clients=1000,
+        storm_procs=2,
+        storm_timeout=90.0,
     ),
     "smoke": Preset(
         subscribers=20,
@@ -110,7 +107,7 @@ PRESETS = {
         idle_procs=1,
         storm_clients=20,
         storm_procs=1,
-        storm_timeout=30.0,
+        storm_timeout=40.0,
         fanout_servers=("hub", "aiohttp-frame"),
         memory_servers=("hub",),
     ),
@@ -599,107 +596,6 @@ class Bench:
             await self.kill_loads(procs)
             await self.stop_server(server)
 
-    # -- reconnect storm ------------------------------------------------------------------
-    async def storm(self) -> dict[str, Any]:
-        p = self.p
-        n = p.storm_clients
-        self.loadavg_samples.append(loadavg())
-        port = free_port()
-        server = await self.start_server("hub", port=port)
-        procs: list[LoadProc] = []
-        new_server: Server | None = None
-        try:
-            per = [
-                n // p.storm_procs + (1 if i < n % p.storm_procs else 0)
-                for i in range(p.storm_procs)
-            ]
-            offset = 0
-            for count in per:
-                cfg = {
-                    "mode": "storm",
-                    "port": port,
-                    "n": count,
-                    "offset": offset,
-                    "concurrency": 64,
-                    "recover_timeout": p.storm_timeout,
-                    "deadline": p.storm_timeout + 200,
-                }
-                offset += count
-                procs.append(await self.load(cfg))
-            self.progress.watch("storm hub", server.pid, [lp.pid for lp in procs])
-            for lp in procs:
-                ready = await lp.expect("READY", 200)
-                if ready["connected"] < 1:
-                    raise BenchError("storm: clients did not connect")
-            # A few publications so every client has a position to resume from.
-            k = 3
-            import aiohttp
-
-            async with aiohttp.ClientSession() as session:
-                for i in range(k):
-                    async with session.post(
-                        f"{server.base}/api/v1/realtime/publish",
-                        headers={"Authorization": f"Bearer {API_KEY}"},
-                        json={"channel": CHANNEL, "type": MTYPE, "data": {"i": i}},
-                    ) as r:
-                        if r.status != 200:
-                            raise BenchError(f"storm: publish answered {r.status}")
-            for lp in procs:
-                lp.send(f"arm {k}")
-            behind = 0
-            for lp in procs:
-                behind += (await lp.expect("ARMED", 60))["behind"]
-            self.progress.say(f"storm: {n} clients subscribed; restarting the hub")
-            t_kill = time.time()
-            status = await asyncio.to_thread(server.stop, 30.0)
-            t_down = time.time()
-            await self.stop_server(server)
-            new_server = await self.start_server("hub", port=port)
-            t_up = time.time()
-            self.progress.watch("storm hub", new_server.pid, [lp.pid for lp in procs])
-            c0 = sum(proc_cpu(new_server.pid))
-            results = [await lp.expect("R", p.storm_timeout + 60) for lp in procs]
-            c1 = sum(proc_cpu(new_server.pid))
-            acks = sorted(a for r in results for a in r["acks"])
-            closes = sorted(c for r in results for c in r["closes"])
-            outcomes: dict[str, int] = {}
-            resub = {"recovered": 0, "not_recovered": 0}
-            for r in results:
-                for key, v in r["outcomes"].items():
-                    outcomes[key] = outcomes.get(key, 0) + v
-                for key, v in r["resubscribe"].items():
-                    resub[key] += v
-            since_kill = [a - t_kill for a in acks]
-            res = {
-                "clients": n,
-                "behind_before_restart": behind,
-                "old_hub_exit_status": status,
-                "shutdown_s": round(t_down - t_kill, 2),
-                "restart_s": round(t_up - t_kill, 2),
-                "recovered": len(acks),
-                "recover_timeout_s": p.storm_timeout,
-                "all_recovered": len(acks) == n,
-                "all_recovered_after_s": round(max(since_kill), 2) if len(acks) == n else None,
-                "all_recovered_after_up_s": round(acks[-1] - t_up, 2) if len(acks) == n else None,
-                "last_ack_after_s": round(max(since_kill), 2) if acks else None,
-                "p50_s": round(percentile(since_kill, 50), 2),
-                "p99_s": round(percentile(since_kill, 99), 2),
-                "closes_seen": len(closes),
-                "connect_attempts": sum(r["attempts"] for r in results),
-                "outcomes": outcomes,
-                "resubscribe": resub,
-                "new_hub_cpu_s": round(c1 - c0, 2),
-                "policy": "revenge_ws.client.reconnect_delay defaults: 1012 → first attempt "
-                "uniform over 5 s, then full-jitter backoff 0.5–20 s; 503 → Retry-After + spread",
-            }
-            await self.stop_loads(procs)
-            return res
-        finally:
-            await self.kill_loads(procs)
-            await self.stop_server(server)
-            if new_server is not None:
-                await self.stop_server(new_server)
-
 
 # -- metadata ------------------------------------------------------------------------
 def machine_info() -> dict[str, Any]:
@@ -854,18 +750,20 @@ async def run_bench(args: argparse.Namespace, preset: Preset, progress: Progress
                     f"{res['server_us_per_handshake']} µs server CPU/handshake"
                 )
         if "storm" in phases:
-            progress.say(f"storm: {preset.storm_clients} hub clients, restart")
-            try:
-                res = await bench.storm()
-                results["storm"] = res
-                progress.say(
-                    f"  storm: {res['recovered']}/{res['clients']} resubscribed within "
-                    f"{res['recover_timeout_s']:g}s, last after {res['last_ack_after_s']}s "
-                    f"(hub back after {res['restart_s']}s)"
-                )
-            except BenchError as exc:
-                results["errors"].append(f"storm: {exc}")
-                progress.say(f"storm FAILED: {exc}")
+            from bench.storm import StormSettings, run_storm
+
+            settings = StormSettings(
+                clients=preset.storm_clients,
+                procs=preset.storm_procs,
+                timeout=preset.storm_timeout,
+                scenarios=list(preset.storm_scenarios),
+            )
+            storm = await run_storm(bench, settings)
+            storm["command"] = results["meta"]["command"]
+            storm["commit"] = results["meta"]["commit"]
+            storm["hub_src"] = results["meta"]["hub_src"]
+            results["storm"] = storm
+            results["errors"].extend(storm["errors"])
     finally:
         await bench.cleanup.close()
     results["meta"]["loadavg_end"] = loadavg()
@@ -918,7 +816,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--window", type=float, help="fan-out measurement window, s")
     ap.add_argument("--rates", help="latency steps, publications/s, comma-separated")
     ap.add_argument("--idle-connections", type=int, help="memory phase connections")
-    ap.add_argument("--storm-clients", type=int, help="reconnect storm clients")
+    ap.add_argument("--storm-clients", type=int, help="storm users (default 10,000)")
+    ap.add_argument(
+        "--storm-scenarios",
+        default="",
+        help="storm scenarios, comma-separated subset of a,b,c (a: restart, memory broker; "
+        "b: restart, Redis; c: two nodes behind a balancer, one SIGKILLed)",
+    )
+    ap.add_argument("--storm-procs", type=int, help="storm client processes")
+    ap.add_argument("--storm-timeout", type=float, help="storm: seconds until a client gives up")
     ap.add_argument("--profile", action="store_true", help="also run the hub fan-out under py-spy")
     ap.add_argument("--profile-native", action="store_true", help="py-spy --native")
     ap.add_argument(
@@ -928,6 +834,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("--out-md", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--out-png", default=str(ROOT / "docs" / "benchmarks.png"))
+    ap.add_argument("--out-storm-png", default=str(ROOT / "docs" / "benchmarks-storm.png"))
     ap.add_argument("--out-json", default=str(RESULTS / "latest.json"))
     ap.add_argument("--no-write", action="store_true", help="print the JSON, write no file")
     ap.add_argument("--no-plot", action="store_true", help="skip the matplotlib plot")
@@ -938,6 +845,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     bad = set(args.phases) - {"fanout", "memory", "storm"}
     if bad:
         ap.error(f"unknown phase(s): {', '.join(sorted(bad))}")
+    args.storm_scenarios = [x.strip() for x in args.storm_scenarios.split(",") if x.strip()]
+    bad = set(args.storm_scenarios) - {"a", "b", "c"}
+    if bad:
+        ap.error(f"unknown storm scenario(s): {', '.join(sorted(bad))}")
     args.servers = [x.strip() for x in args.servers.split(",") if x.strip()]
     bad = set(args.servers) - set(KINDS)
     if bad:
@@ -959,6 +870,12 @@ def preset_for(args: argparse.Namespace) -> Preset:
         p.idle_connections = args.idle_connections
     if args.storm_clients:
         p.storm_clients = args.storm_clients
+    if args.storm_scenarios:
+        p.storm_scenarios = tuple(args.storm_scenarios)
+    if args.storm_procs:
+        p.storm_procs = args.storm_procs
+    if args.storm_timeout:
+        p.storm_timeout = args.storm_timeout
     return p
 
 
@@ -968,7 +885,13 @@ def main(argv: list[str] | None = None) -> int:
         from bench.report import write_report
 
         results = orjson.loads(Path(args.render).read_bytes())
-        write_report(results, Path(args.out_md), None if args.no_plot else Path(args.out_png))
+        plots = not args.no_plot
+        write_report(
+            results,
+            Path(args.out_md),
+            Path(args.out_png) if plots else None,
+            Path(args.out_storm_png) if plots and results.get("storm") else None,
+        )
         return 0
     preset = preset_for(args)
     progress = Progress(args.progress)
@@ -996,18 +919,47 @@ def _run(args: argparse.Namespace, preset: Preset, progress: Progress) -> int:
         return 130
     if args.no_write:
         print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
+    elif args.phases == ["storm"]:
+        _write_storm_only(args, results, progress)
     else:
         out_json = Path(args.out_json)
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2) + b"\n")
         from bench.report import write_report
 
-        png = None if args.no_plot or not _have("matplotlib") else Path(args.out_png)
-        write_report(results, Path(args.out_md), png)
+        plots = not args.no_plot and _have("matplotlib")
+        png = Path(args.out_png) if plots else None
+        storm_png = Path(args.out_storm_png) if plots and results.get("storm") else None
+        write_report(results, Path(args.out_md), png, storm_png)
         progress.say(f"wrote {args.out_md}" + (f", {png}" if png else "") + f", {out_json}")
     for err in results["errors"]:
         progress.say(f"error: {err}")
     return 1 if results["errors"] else 0
+
+
+def _write_storm_only(
+    args: argparse.Namespace, results: dict[str, Any], progress: Progress
+) -> None:
+    """A storm-only run replaces the storm of the results JSON and the storm section of
+    the Markdown file, keeping the rest (the other phases' numbers of an earlier run)."""
+    from bench.report import write_storm_section
+
+    out_json = Path(args.out_json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    merged = results
+    if out_json.exists():
+        with contextlib.suppress(ValueError, OSError):
+            merged = orjson.loads(out_json.read_bytes())
+            merged["storm"] = results["storm"]
+            merged["errors"] = [
+                e for e in merged.get("errors", []) if not e.startswith("storm")
+            ] + [e for e in results["errors"] if e.startswith("storm")]
+    out_json.write_bytes(orjson.dumps(merged, option=orjson.OPT_INDENT_2) + b"\n")
+    png = None if args.no_plot or not _have("matplotlib") else Path(args.out_storm_png)
+    write_storm_section(results["storm"], Path(args.out_md), png)
+    progress.say(
+        f"wrote the storm of {args.out_md}" + (f", {png}" if png else "") + f", {out_json}"
+    )
 
 
 async def _main_guarded(
