@@ -90,6 +90,7 @@ export declare function backoffDelay(
   maximum?: number,
 ): number;
 export declare function restartDelay(window: number, rng?: () => number): number;
+/** The spread window a close reason advises (`"slow consumer; window=5"`), in seconds. */
 export declare function advisedWindow(reason: string | null | undefined, maximum?: number): number | null;
 export declare function reconnectDelay(
   policy: ReconnectPolicy,
@@ -99,9 +100,35 @@ export declare function reconnectDelay(
     code?: number | null;
     httpStatus?: number | null;
     retryAfter?: number | null;
+    /** A spread window the server advised: close reason, welcome, or Reconnect-Window. */
     window?: number | null;
   },
 ): number;
+
+// ---------------------------------------------------------------- presence
+
+export interface PresenceUser {
+  user_id: string;
+  /** The token's `name`, else the user id. */
+  name: string;
+}
+/** The data of `activity.presence`: net changes since the previous one. */
+export interface PresenceData {
+  online: PresenceUser[];
+  offline: PresenceUser[];
+}
+export declare function parsePresence(msg: unknown): PresenceData | null;
+/** Who is online, from the `activity.presence` messages seen since it was created. */
+export declare class OnlineUsers {
+  constructor();
+  /** user_id -> name, in the order they came online. */
+  readonly users: Map<string, string>;
+  readonly size: number;
+  /** Apply one message (others are ignored); returns the change it carried, or null. */
+  apply(msg: unknown): PresenceData | null;
+  has(userId: string): boolean;
+  clear(): void;
+}
 
 // ---------------------------------------------------------------- clock
 

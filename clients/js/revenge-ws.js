@@ -10,9 +10,11 @@
  * It behaves like the Python client (revenge_ws.client), with the same numbers:
  *
  * - reconnects after a network loss and after reconnect-class close codes with full-jitter
- *   exponential backoff (0.5 s -> 20 s); after 1001/1012 the first attempt is spread over a
- *   5 s window (or what the server advises); 4004 and 429 wait 5 s (or a longer
- *   Retry-After) plus a uniform spread over 5 s more; terminal codes (1008, 1009, 4501,
+ *   exponential backoff (0.5 s -> 20 s); after 1001/1012, and after any close whose reason
+ *   advises a window (4002, 4003: "slow consumer; window=5"), the first attempt is spread
+ *   over that window (5 s by default for 1001/1012); 4004 and 429 wait 5 s (or a longer
+ *   Retry-After) plus a uniform spread over the advised window, else 5 s; a 503 waits
+ *   Retry-After plus a spread over Reconnect-Window; terminal codes (1008, 1009, 4501,
  *   4503, 4500-4999) never reconnect;
  * - re-subscribes every channel with `since` after a reconnect and drops duplicates by
  *   (channel, seq), notifications by `data.id`; `recovered: false` and `subscription.reset`
@@ -21,6 +23,8 @@
  *   clock NTP-style (min-delay sample of the last 8) and reconnects when nothing arrives for
  *   heartbeat.timeout (watchdog);
  * - refreshes the token with `auth.refresh` before it expires when given a token provider.
+ *
+ * Presence: `OnlineUsers` keeps who is online from `activity.presence` messages.
  *
  * SyncPlay: `SyncController` (pure drift-correction logic, mirrors revenge_ws.client.syncplay)
  * and `SyncPlay` (a room session driving an HTMLMediaElement).
@@ -176,7 +180,7 @@ const WINDOW_RE =
   /(?:^|[\s;,(])(?:restart_|reconnect_)?window\s*[=:]\s*(\d+(?:\.\d+)?)\s*(ms|s)?(?![\w.])/i;
 
 /**
- * The restart window a close reason advises (`window=10` or `window=2500ms`), clamped to
+ * The spread window a close reason advises (`window=10` or `window=2500ms`), clamped to
  * [0, maximum] seconds; null when it advises none.
  * @param {string | null | undefined} reason
  */
@@ -195,25 +199,26 @@ export function advisedWindow(reason, maximum = 300.0) {
  * @param {number} attempt failed attempts since the last stable connection
  * @param {() => number} rng
  * @param {{code?: number | null, httpStatus?: number | null, retryAfter?: number | null, window?: number | null}} [info]
+ *   `window`: a spread window the server advised (close reason, welcome, Reconnect-Window)
  */
 export function reconnectDelay(policy, attempt, rng = Math.random, info = {}) {
   const lo = policy.backoffMin;
   const hi = policy.backoffMax;
   const { code = null, httpStatus = null, retryAfter = null, window = null } = info;
-  const spread =
-    window == null ? policy.restartWindow : Math.min(Math.max(window, 0), policy.maxWindow);
+  const advised = window == null ? null : Math.min(Math.max(window, 0), policy.maxWindow);
   if (code === 4004 || httpStatus === 429) {
     // Spread, not a fixed wait: clients refused together would otherwise come back together.
     const floor = Math.max(policy.rateLimitWait, retryAfter || 0);
-    let delay = restartDelay(policy.rateLimitSpread, rng);
+    let delay = restartDelay(advised ?? policy.rateLimitSpread, rng);
     if (attempt > 0) delay = Math.max(delay, backoffDelay(attempt, rng, lo, hi));
     return floor + delay;
   }
-  if (retryAfter != null && retryAfter > 0) {
-    return Math.max(backoffDelay(attempt, rng, lo, hi), retryAfter + restartDelay(spread, rng));
+  if (httpStatus === 503 || (retryAfter != null && retryAfter > 0)) {
+    const spread = advised ?? policy.restartWindow;
+    return Math.max(backoffDelay(attempt, rng, lo, hi), (retryAfter || 0) + restartDelay(spread, rng));
   }
-  if (code === 1001 || code === 1012) {
-    let delay = restartDelay(spread, rng);
+  if (code === 1001 || code === 1012 || (code != null && advised != null)) {
+    let delay = restartDelay(advised ?? policy.restartWindow, rng);
     if (attempt > 0) delay = Math.max(delay, backoffDelay(attempt, rng, lo, hi));
     return delay;
   }
@@ -1349,7 +1354,8 @@ export class RevengeClient extends Emitter {
 
   /**
    * A browser hides why a handshake failed; the hub refuses with plain HTTP before the
-   * upgrade (contract §1), so the same URL fetched without upgrading tells 401/403/429/503.
+   * upgrade (contract §1), so the same URL fetched without upgrading tells 401/403/429/503,
+   * Retry-After and the spread window (Reconnect-Window).
    * @param {string} wsUrl
    */
   async _probe(wsUrl) {
@@ -1364,14 +1370,26 @@ export class RevengeClient extends Emitter {
       const r = await fetcher(httpUrl, { method: "GET", cache: "no-store", signal: ctrl?.signal });
       if ([401, 403, 429, 503].includes(r.status)) {
         let reason = `handshake refused: HTTP ${r.status}`;
+        /** @type {any} */
+        let error = null;
         try {
-          const body = await r.json();
-          if (body?.error?.message) reason += ` ${body.error.code}: ${body.error.message}`;
+          error = (await r.json())?.error ?? null;
+          if (error?.message) reason += ` ${error.code}: ${error.message}`;
         } catch {
           /* not JSON */
         }
-        const ra = Number.parseFloat(r.headers?.get?.("Retry-After") ?? "");
-        return { httpStatus: r.status, retryAfter: Number.isFinite(ra) ? Math.max(0, ra) : null, reason };
+        // The body repeats both headers: a cross-origin page cannot read them unless the
+        // hub's origin exposes them (Access-Control-Expose-Headers).
+        const seconds = (/** @type {string} */ header, /** @type {unknown} */ fallback) => {
+          const v = Number.parseFloat(r.headers?.get?.(header) ?? String(fallback ?? ""));
+          return Number.isFinite(v) ? Math.max(0, v) : null;
+        };
+        return {
+          httpStatus: r.status,
+          retryAfter: seconds("Retry-After", error?.retry_after),
+          window: seconds("Reconnect-Window", error?.window),
+          reason,
+        };
       }
     } catch {
       /* network down: a plain network loss */
@@ -1770,6 +1788,76 @@ function discEvent(disc, delay) {
     reconnect_in: delay,
     opened: disc.opened,
   };
+}
+
+// ------------------------------------------------------------------------------ presence
+
+/** @param {unknown} value @returns {{user_id: string, name: string}[]} */
+function presenceUsers(value) {
+  if (!Array.isArray(value)) return [];
+  const out = [];
+  for (const e of value) {
+    if (e && typeof e === "object" && typeof e.user_id === "string") {
+      out.push({ user_id: e.user_id, name: typeof e.name === "string" ? e.name : e.user_id });
+    }
+  }
+  return out;
+}
+
+/**
+ * The data of an `activity.presence` message (contract §11), malformed entries dropped;
+ * null for any other message.
+ * @param {any} msg
+ * @returns {{online: {user_id: string, name: string}[], offline: {user_id: string, name: string}[]} | null}
+ */
+export function parsePresence(msg) {
+  if (msg?.type !== "activity.presence") return null;
+  const data = msg.data;
+  if (!data || typeof data !== "object" || Array.isArray(data)) return null;
+  return { online: presenceUsers(data.online), offline: presenceUsers(data.offline) };
+}
+
+/**
+ * Who is online, kept from `activity.presence` messages (a port of the Python client's
+ * OnlineUsers). The hub sends net changes at most once a second and no snapshot, so it knows
+ * the users whose changes it has seen since it started:
+ *
+ *     const online = new OnlineUsers();
+ *     client.on("activity.presence", (msg) => online.apply(msg));
+ *     await client.subscribe("activity");
+ */
+export class OnlineUsers {
+  constructor() {
+    /** @type {Map<string, string>} user_id -> name, in the order they came online */
+    this.users = new Map();
+  }
+
+  /**
+   * Apply one message (others are ignored); returns the change it carried, or null.
+   * @param {any} msg
+   */
+  apply(msg) {
+    const change = parsePresence(msg);
+    if (!change) return null;
+    // The hub names a user in one list at most; were both to name one, the user stays
+    // listed (offline first), as a dropped entry would not come back.
+    for (const u of change.offline) this.users.delete(u.user_id);
+    for (const u of change.online) this.users.set(u.user_id, u.name);
+    return change;
+  }
+
+  /** @param {string} userId */
+  has(userId) {
+    return this.users.has(userId);
+  }
+
+  get size() {
+    return this.users.size;
+  }
+
+  clear() {
+    this.users.clear();
+  }
 }
 
 // ------------------------------------------------------------------------------ SyncPlay

@@ -445,6 +445,52 @@ test("a probe that finds 403 is terminal; 503 with Retry-After waits", async () 
   }
 });
 
+test("a 503 probe reads Reconnect-Window, or the body's window when the headers are hidden", async () => {
+  const cases = [
+    [new Map([["Retry-After", "2"], ["Reconnect-Window", "30"]]), {}],
+    // A cross-origin page may not read the headers: the body carries both numbers.
+    [new Map(), { error: { code: "UNAVAILABLE", message: "busy", retry_after: 2, window: 30 } }],
+  ];
+  for (const [headers, body] of cases) {
+    const delays = [];
+    for (let seed = 0; seed < 40; seed++) {
+      const fetch = async () => ({ status: 503, headers, json: async () => body });
+      const { client } = setup({ fetch, random: seeded(seed) });
+      const disc = collect(client, "client.disconnected");
+      client.start();
+      await flush();
+      FakeWebSocket.last.fail();
+      await flush();
+      await flush();
+      assert.equal(disc[0].data.http_status, 503);
+      delays.push(disc[0].data.reconnect_in);
+      await client.close();
+    }
+    assert.ok(delays.every((d) => d >= 2 && d <= 32), JSON.stringify(delays));
+    assert.ok(Math.max(...delays) > 20, "spread over the advised 30 s, not the 5 s default");
+  }
+});
+
+test("4002 and 4003 closes that advise a window spread the first attempt over it", async () => {
+  for (const [code, reason] of [
+    [4002, "slow consumer; window=30"],
+    [4003, "heartbeat timeout; window=30"],
+  ]) {
+    const delays = [];
+    for (let seed = 0; seed < 40; seed++) {
+      const { clock, client } = setup({ random: seeded(seed) });
+      const ws = await accept(client, clock);
+      const disc = collect(client, "client.disconnected");
+      ws.serverClose(code, reason);
+      await flush();
+      delays.push(disc[0].data.reconnect_in);
+      await client.close();
+    }
+    assert.ok(delays.every((d) => d >= 0 && d < 30));
+    assert.ok(Math.min(...delays) < 0.5 && Math.max(...delays) > 20, `${code}: ${delays}`);
+  }
+});
+
 test("notifications are de-duplicated by id across redeliveries", async () => {
   const { clock, client } = setup();
   const ws = await accept(client, clock);

@@ -82,7 +82,56 @@ test("4004 and 429 waits are spread over 5 s beyond the floor, not fixed", () =>
   assert.equal(reconnectDelay({ ...DEFAULT_POLICY, rateLimitSpread: 0 }, 0, rng, { code: 4004 }), 5);
 });
 
+/** The largest share of `ds` that falls in one second. */
+function busiestSecond(ds) {
+  const perSecond = new Map();
+  for (const d of ds) perSecond.set(Math.floor(d), (perSecond.get(Math.floor(d)) ?? 0) + 1);
+  return Math.max(...perSecond.values());
+}
+
+test("a close that advises a window spreads the first attempt over it (contract §12)", () => {
+  const rng = seeded(5);
+  for (const code of [4002, 4003, 1001, 1012]) {
+    const ds = Array.from({ length: 1000 }, () => reconnectDelay(DEFAULT_POLICY, 0, rng, { code, window: 8 }));
+    assert.ok(ds.every((d) => d >= 0 && d < 8), String(code));
+    assert.ok(Math.min(...ds) < 0.5 && Math.max(...ds) > 7, `${code}: the whole window, no floor`);
+    assert.ok(busiestSecond(ds) <= 300);
+  }
+  // Without a window 4002 and 4003 back off as before.
+  for (const code of [4002, 4003]) {
+    for (let i = 0; i < 200; i++) {
+      const d = reconnectDelay(DEFAULT_POLICY, 0, rng, { code });
+      assert.ok(d >= 0.5 && d <= 1);
+    }
+  }
+  // 4004 waits its floor, then the advised spread.
+  const rl = Array.from({ length: 1000 }, () => reconnectDelay(DEFAULT_POLICY, 0, rng, { code: 4004, window: 10 }));
+  assert.ok(rl.every((d) => d >= 5 && d <= 15) && Math.max(...rl) > 14);
+  assert.ok(busiestSecond(rl) <= 300);
+  // Later attempts never wait less than the backoff.
+  const late = Array.from({ length: 1000 }, () => reconnectDelay(DEFAULT_POLICY, 8, rng, { code: 4002, window: 1 }));
+  assert.ok(Math.min(...late) >= 0.5 && Math.max(...late) > 15);
+  // The same draws as the Python client: U(0, window) at attempt 0.
+  assert.equal(reconnectDelay(DEFAULT_POLICY, 0, () => 0.5, { code: 4003, window: 5 }), 2.5);
+  assert.equal(reconnectDelay(DEFAULT_POLICY, 0, () => 0.5, { code: 4004, window: 10 }), 10);
+});
+
+test("a 503 waits Retry-After plus a spread over the advised window", () => {
+  const rng = seeded(6);
+  const ds = Array.from({ length: 1000 }, () =>
+    reconnectDelay(DEFAULT_POLICY, 0, rng, { httpStatus: 503, retryAfter: 3, window: 20 }),
+  );
+  assert.ok(ds.every((d) => d >= 3 && d <= 23) && Math.max(...ds) > 22);
+  assert.ok(busiestSecond(ds) <= 300);
+  // A window without Retry-After still spreads, never below the backoff.
+  const bare = Array.from({ length: 1000 }, () => reconnectDelay(DEFAULT_POLICY, 0, rng, { httpStatus: 503, window: 10 }));
+  assert.ok(Math.min(...bare) >= 0.5 && Math.max(...bare) > 9);
+  assert.equal(reconnectDelay(DEFAULT_POLICY, 0, () => 0.5, { httpStatus: 503, retryAfter: 2, window: 6 }), 5);
+});
+
 test("advised windows are parsed from close reasons", () => {
+  assert.equal(advisedWindow("slow consumer; window=5"), 5);
+  assert.equal(advisedWindow("heartbeat timeout; window=5"), 5);
   assert.equal(advisedWindow("restart; window=10"), 10);
   assert.equal(advisedWindow("restart window=2500ms"), 2.5);
   assert.equal(advisedWindow("reconnect_window: 7s"), 7);
