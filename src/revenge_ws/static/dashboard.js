@@ -1,12 +1,14 @@
 // The hub's live dashboard (admins): node statistics from GET /api/v1/realtime/info,
 // message rates from /metrics, health from /readyz, rooms from GET /api/v1/syncplay/rooms,
-// and the `server` channel live over the JavaScript client. No libraries: the chart is SVG.
-import { RevengeClient } from "/client/revenge-ws.js";
+// and the `server` and `activity` channels live over the JavaScript client (online users from
+// activity.presence). No libraries: the chart is SVG.
+import { OnlineUsers, RevengeClient } from "/client/revenge-ws.js";
 
 const $ = (id) => /** @type {any} */ (document.getElementById(id));
 const params = new URLSearchParams(location.search);
 const TOKEN_KEY = "revenge-ws-dashboard-token";
 const MAX_SAMPLES = 90;
+const FEED_LENGTH = 50;
 const SVG = "http://www.w3.org/2000/svg";
 const CLOSE_MEANINGS = {
   1000: "normal",
@@ -35,6 +37,8 @@ const dash = {
   info: /** @type {any} */ (null),
   rooms: /** @type {any[] | null} */ (null),
   client: /** @type {RevengeClient | null} */ (null),
+  /** users online, from the activity.presence messages since the page connected */
+  online: new OnlineUsers(),
   polls: 0,
 };
 globalThis.revengeDashboard = dash;
@@ -146,6 +150,7 @@ function renderInfo(info) {
   dash.info = info;
   $("connections").textContent = fmt(info.connections);
   $("users").textContent = fmt(info.users);
+  $("online-node").textContent = fmt(info.users);
   $("channels").textContent = fmt(info.channels);
   $("delivered").textContent = fmt(info.delivered);
   $("node").textContent = `${info.node_id} · v${info.version}`;
@@ -296,6 +301,8 @@ function renderChart() {
 function connectEvents(token) {
   dash.client?.close();
   dash.client = null;
+  dash.online.clear();
+  $("online-feed").replaceChildren();
   if (!isJwt(token)) return;
   const client = new RevengeClient("/api/v1/ws", { token, reconnect: true });
   dash.client = client;
@@ -312,7 +319,33 @@ function connectEvents(token) {
     if (!ev.data.subscriptions?.some((s) => s.channel === "server")) add("(not an admin: no server channel)");
   });
   client.on("client.closed", (ev) => add(`event stream closed (${ev.data.code ?? ""} ${ev.data.reason})`));
+  client.on("activity.presence", (msg) => {
+    const change = dash.online.apply(msg);
+    if (!change) return;
+    const feed = $("online-feed");
+    const time = new Date().toLocaleTimeString();
+    for (const [users, verb] of [[change.online, "online"], [change.offline, "offline"]]) {
+      for (const u of users) feed.prepend(el("div", { textContent: `${time} ${u.name} ${verb}` }));
+    }
+    while (feed.childElementCount > FEED_LENGTH) feed.lastElementChild.remove();
+    renderOnline();
+  });
+  client.on("client.connected", () => {
+    // Once: after a reconnect the client re-subscribes with `since` by itself.
+    if (!client.channels.includes("activity")) client.subscribe("activity").catch(() => {});
+  });
+  renderOnline();
   client.start();
+}
+
+function renderOnline() {
+  const users = [...dash.online.users];
+  $("online-count").textContent = dash.client ? fmt(users.length) : "–";
+  $("online-users").replaceChildren(
+    ...(users.length
+      ? users.map(([id, name]) => el("li", { "data-user": id, title: id }, el("span", { class: "dot ok" }), name))
+      : [el("li", { class: "empty", textContent: dash.client ? "Nobody came online since this page connected." : "Needs an admin JWT." })]),
+  );
 }
 
 // ---------------------------------------------------------------- start
@@ -342,6 +375,8 @@ function stop() {
   dash.token = "";
   dash.client?.close();
   dash.client = null;
+  dash.online.clear();
+  renderOnline();
 }
 
 $("interval").value = String(dash.interval);

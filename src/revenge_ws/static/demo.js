@@ -1,12 +1,13 @@
 // The hub's demo page: notifications as toasts (acknowledged once shown), transcoding
-// progress bars, and a watch party whose <video> follows the room's timeline.
+// progress bars, a watch party whose <video> follows the room's timeline, and who is online.
 // Plain ES module, no build step; everything goes through /client/revenge-ws.js.
-import { RequestError, RevengeClient, SyncPlay } from "/client/revenge-ws.js";
+import { OnlineUsers, RequestError, RevengeClient, SyncPlay } from "/client/revenge-ws.js";
 
 const $ = (id) => /** @type {any} */ (document.getElementById(id));
 const params = new URLSearchParams(location.search);
 const TOKEN_KEY = "revenge-ws-demo-token";
 const INVITE_RE = /^[ABCDEFGHJKMNPQRSTUVWXYZ23456789]{8}$/;
+const FEED_LENGTH = 20;
 
 /** Everything the page knows; `window.revengeDemo` for the console and for tests. */
 const demo = {
@@ -21,6 +22,8 @@ const demo = {
   toAck: new Set(),
   jobs: new Map(),
   inviteCode: null,
+  /** users online, from the activity.presence messages since the page connected */
+  online: new OnlineUsers(),
 };
 globalThis.revengeDemo = demo;
 
@@ -75,6 +78,7 @@ function signOut() {
   showSignedIn(null);
   for (const id of ["create", "join"]) $(id).disabled = true;
   showRoom(null);
+  resetPresence();
 }
 
 function signIn(token) {
@@ -126,6 +130,7 @@ function signIn(token) {
     if (ch?.startsWith("transcode:")) finishJob(ch.slice(10));
   });
   setupParty(client);
+  setupPresence(client);
   client.start();
 }
 
@@ -259,6 +264,52 @@ $("watch-job").addEventListener("submit", async (ev) => {
     alert(err?.message ?? err);
   }
 });
+
+// ---------------------------------------------------------------- who's online
+
+function setupPresence(client) {
+  client.on("activity.presence", (msg) => {
+    const change = demo.online.apply(msg);
+    if (!change) return;
+    for (const u of change.online) addFeed(`${u.name} came online`, "ok");
+    for (const u of change.offline) addFeed(`${u.name} went offline`, "");
+    renderOnline();
+  });
+  client.on("client.recovery_failed", (ev) => {
+    // There is no snapshot to reload: the list stays, and corrects itself as users change.
+    if (ev.data.channel === "activity") addFeed("some changes were missed while away", "warn");
+  });
+  client.on("client.connected", () => {
+    // Subscribed once, like any app: after a reconnect the client re-subscribes with `since`
+    // by itself and the changes missed meanwhile arrive. A failed first try is retried here.
+    if (client.channels.includes("activity")) return;
+    client.subscribe("activity").catch((err) => addFeed(`activity unavailable: ${err?.message ?? err}`, "bad"));
+  });
+}
+
+function renderOnline() {
+  const users = [...demo.online.users];
+  $("online-count").textContent = String(users.length);
+  $("online").replaceChildren(
+    ...(users.length
+      ? users.map(([id, name]) => el("li", { "data-user": id, title: id }, el("span", { class: "dot ok" }), name))
+      : [el("li", { class: "empty", textContent: "Nobody online." })]),
+  );
+}
+
+function addFeed(text, kind) {
+  const feed = $("presence-feed");
+  feed.querySelector(".empty")?.remove();
+  feed.prepend(el("div", { class: kind ? `feed-${kind}` : "" }, el("span", { class: "muted mono", textContent: new Date().toLocaleTimeString() }), ` ${text}`));
+  while (feed.childElementCount > FEED_LENGTH) feed.lastElementChild.remove();
+}
+
+function resetPresence() {
+  demo.online.clear();
+  $("online-count").textContent = "0";
+  $("online").replaceChildren(el("li", { class: "empty", textContent: "Nobody yet. Users appear as they come online, from when this page connected." }));
+  $("presence-feed").replaceChildren(el("div", { class: "empty", textContent: "No change yet." }));
+}
 
 // ---------------------------------------------------------------- watch party
 
