@@ -295,3 +295,73 @@ def hub_image() -> HubImage:
 
 def random_secret() -> str:
     return secrets.token_hex(32)
+
+
+#: Stand-ins for the official images compose.yaml names, built from Debian packages: the same
+#: interface as far as compose.yaml uses it (commands, ports, POSTGRES_* variables, data
+#: directories, /etc/nginx/conf.d).
+SERVICES_PACKAGES = ("redis-server", "postgresql", "nginx", "ca-certificates")
+_POSTGRES_ENTRYPOINT = r"""#!/bin/sh
+# The official image's first-start initialisation, reduced to what compose.yaml uses.
+set -eu
+bin=$(echo /usr/lib/postgresql/*/bin)
+data=/var/lib/postgresql/data
+if [ ! -s "$data/PG_VERSION" ]; then
+  pw=$(mktemp)
+  printf '%s' "$POSTGRES_PASSWORD" > "$pw"
+  "$bin/initdb" --pgdata "$data" --username "$POSTGRES_USER" --pwfile "$pw" \
+    --auth-local trust --auth-host scram-sha-256 > /dev/null
+  rm -f "$pw"
+  echo "host all all all scram-sha-256" >> "$data/pg_hba.conf"
+  "$bin/pg_ctl" --pgdata "$data" --options "-c listen_addresses=''" --wait start > /dev/null
+  "$bin/createdb" --username "$POSTGRES_USER" "$POSTGRES_DB"
+  "$bin/pg_ctl" --pgdata "$data" --mode fast --wait stop > /dev/null
+fi
+exec "$bin/postgres" -D "$data" -c listen_addresses='*'
+"""
+_SERVICE_CONTAINERFILES = {
+    "redis": """FROM {base}
+RUN mkdir -p /data
+WORKDIR /data
+CMD ["redis-server", "--protected-mode", "no"]
+""",
+    "postgres": """FROM {base}
+COPY postgres-entrypoint.sh /usr/local/bin/postgres-entrypoint.sh
+RUN chmod 755 /usr/local/bin/postgres-entrypoint.sh \\
+ && mkdir -p /var/lib/postgresql/data /run/postgresql \\
+ && chown postgres:postgres /var/lib/postgresql/data /run/postgresql \\
+ && chmod 700 /var/lib/postgresql/data
+USER postgres
+STOPSIGNAL SIGINT
+ENTRYPOINT ["/usr/local/bin/postgres-entrypoint.sh"]
+""",
+    "nginx": """FROM {base}
+RUN rm -f /etc/nginx/sites-enabled/default \\
+ && ln -sf /dev/stdout /var/log/nginx/access.log && ln -sf /dev/stderr /var/log/nginx/error.log
+STOPSIGNAL SIGQUIT
+CMD ["nginx", "-g", "daemon off;"]
+""",
+}
+
+
+def service_images() -> dict[str, str]:
+    """``{"REDIS_IMAGE": tag, "POSTGRES_IMAGE": tag, "NGINX_IMAGE": tag}`` for compose.yaml."""
+    base = debian_base("services", SERVICES_PACKAGES)
+    tags: dict[str, str] = {}
+    with _cache_lock(), tempfile.TemporaryDirectory() as ctx:
+        (Path(ctx) / "postgres-entrypoint.sh").write_text(_POSTGRES_ENTRYPOINT)
+        for name, text in _SERVICE_CONTAINERFILES.items():
+            (Path(ctx) / f"{name}.Containerfile").write_text(text.format(base=base))
+            tag = f"localhost/revenge-ws-test-{name}:latest"
+            podman(
+                "build",
+                *BUILD_FLAGS,
+                "--file",
+                f"{ctx}/{name}.Containerfile",
+                "--tag",
+                tag,
+                ctx,
+                timeout=300,
+            )
+            tags[f"{name.upper()}_IMAGE"] = tag
+    return tags

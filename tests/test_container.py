@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import shutil
+import subprocess
+import tempfile
 import time
 import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,7 +27,15 @@ import pytest
 
 from revenge_ws.auth import mint_token
 
-from .container_fixtures import ROOT, RUN_FLAGS, HubImage, hub_image, podman, require_podman
+from .container_fixtures import (
+    ROOT,
+    RUN_FLAGS,
+    HubImage,
+    hub_image,
+    podman,
+    require_podman,
+    service_images,
+)
 from .helpers import WS, free_port, make_settings
 
 pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -206,3 +219,131 @@ async def test_serve_restart_and_stop(image: HubImage, creds: Secrets, volume: s
             note = await bob.recv_type("notification", timeout=10)
             assert note["data"]["id"] == stored and note["data"]["title"] == "kept"
             await bob.close()
+
+
+# -- compose.yaml: two hubs, Redis, PostgreSQL and nginx ---------------------------------------
+@contextlib.contextmanager
+def compose_stack(image: HubImage, creds: Secrets, port: int) -> Iterator[dict[str, str]]:
+    """``podman-compose up -d`` of the repository's compose.yaml under a private project
+    name, with the stand-in images; everything of the project is removed at the end."""
+    if shutil.which("podman-compose") is None:
+        if os.environ.get("CI"):
+            pytest.fail("podman-compose is not installed (CI must install it: see .ci/run)")
+        pytest.skip("podman-compose is not installed (apt-get install podman-compose)")
+    project = f"revenge-ws-test-{secrets.token_hex(4)}"
+    with tempfile.TemporaryDirectory() as tmp:
+        # podman-compose has no flags for the runtime and the limits: containers.conf does.
+        conf = Path(tmp) / "containers.conf"
+        ulimits = ", ".join(f'"{v}"' for v in RUN_FLAGS[3::2])
+        conf.write_text(
+            f'[containers]\ndefault_ulimits = [{ulimits}]\n[engine]\nruntime = "runc"\n'
+        )
+        env = {
+            **os.environ,
+            **service_images(),
+            "CONTAINERS_CONF": str(conf),
+            "REVENGE_IMAGE": image.tag,
+            "REVENGE_PUBLISH": f"127.0.0.1:{port}",
+            "REVENGE_JWT_SECRET": creds.jwt,
+            "REVENGE_API_KEY": creds.api_key,
+            "POSTGRES_PASSWORD": secrets.token_hex(16),
+        }
+        try:
+            # Its output echoes the podman commands, secrets included: never shown.
+            out = subprocess.run(
+                ["podman-compose", "-p", project, "-f", str(ROOT / "compose.yaml"), "up", "-d"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
+                cwd=tmp,
+            )
+            assert out.returncode == 0, f"podman-compose up failed ({out.returncode})"
+            yield {"project": project, "containers_conf": str(conf)}
+        finally:
+            label = f"label=io.podman.compose.project={project}"
+            ids = podman("ps", "--all", "--quiet", "--filter", label, check=False).stdout.split()
+            if ids:
+                podman("rm", "--force", "--time", "0", *ids, check=False)
+            vols = podman("volume", "ls", "--quiet", "--filter", label, check=False).stdout
+            if vols.split():
+                podman("volume", "rm", "--force", *vols.split(), check=False)
+            podman("network", "rm", "--force", f"{project}_default", check=False)
+
+
+def wait_health(name: str, timeout: float = 120.0) -> None:
+    """Until the container's own healthcheck (the one compose.yaml declares) passes; podman
+    runs healthchecks through systemd timers, absent here, so the test runs them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = podman("healthcheck", "run", name, check=False)
+        if out.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            logs = podman("logs", name, check=False)
+            raise AssertionError(f"{name} not healthy in {timeout}s: {out.stdout}{out.stderr}"
+                                 f"\n{(logs.stdout + logs.stderr)[-2000:]}")  # fmt: skip
+        time.sleep(1)
+
+
+async def test_compose_stack(image: HubImage, creds: Secrets) -> None:
+    port = free_port()
+    with compose_stack(image, creds, port) as stack:
+        project = stack["project"]
+        for service in ("redis", "postgres", "hub1", "hub2"):
+            wait_health(f"{project}_{service}_1")
+        proxy = Container(f"{project}_proxy_1", port)
+        proxy.wait_healthy()
+        headers = {"Authorization": f"Bearer {creds.api_key}"}
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{proxy.url}/readyz") as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["checks"] == {"broker": "ok", "store": "ok"}
+            # nginx alternates between the nodes: one client on each.
+            clients: dict[str, WS] = {}
+            for _ in range(10):
+                ws = await connect(s, proxy, creds.token("alice"))
+                node = ws.welcome["data"]["node_id"]
+                if node in clients:
+                    await ws.close()
+                else:
+                    clients[node] = ws
+                if len(clients) == 2:
+                    break
+            assert set(clients) == {"hub1", "hub2"}
+            # A publication through either node reaches both (Redis), a notification is
+            # stored in PostgreSQL and pushed to the user on both nodes.
+            async with s.post(
+                f"{proxy.url}/api/v1/realtime/publish",
+                headers=headers,
+                json={"channel": "user:alice", "type": "test.item", "data": {"i": 1}},
+            ) as r:
+                assert r.status == 200, await r.text()
+                seq = (await r.json())["seq"]
+            for ws in clients.values():
+                assert (await ws.recv_type("test.item", timeout=10))["seq"] == seq
+            async with s.post(
+                f"{proxy.url}/api/v1/realtime/notify",
+                headers=headers,
+                json={"user_id": "alice", "notification_type": "test.stack", "title": "hi"},
+            ) as r:
+                assert r.status == 200, await r.text()
+                (nid,) = (await r.json())["ids"]
+            for ws in clients.values():
+                assert (await ws.recv_type("notification", timeout=10))["data"]["id"] == nid
+            # A node stopped by the runtime closes its client with 1012 and exits 0.
+            hub1 = Container(f"{project}_hub1_1", 0)
+            stop = asyncio.create_task(
+                asyncio.to_thread(podman, "stop", "--time", "20", hub1.name, timeout=60)
+            )
+            assert await clients["hub1"].closed(timeout=20) == 1012
+            await stop
+            assert hub1.state("ExitCode") == "0"
+            for ws in clients.values():
+                await ws.close()
+        for service in ("hub1", "hub2"):
+            logs = podman("logs", f"{project}_{service}_1", check=False)
+            text = logs.stdout + logs.stderr
+            assert "Traceback" not in text
+            assert creds.jwt not in text and creds.api_key not in text
