@@ -56,7 +56,7 @@ from .common import (
     wait_port,
 )
 from .servers import Server, command, hub_env
-from .storm_clients import LIBRARIES, StormConn, StormRefused, User, open_conn
+from .storm_clients import LIBRARIES, StormConn, StormRefused, User, notified, open_conn
 from .wsclient import Stats
 
 if TYPE_CHECKING:
@@ -354,6 +354,8 @@ class Observer:
         #: Publications on activity the observer never received (lost history).
         self.unseen: list[tuple[float, int, str]] = []
         self.reconnects = 0
+        self.refused: dict[str, int] = {}
+        self.back_at: list[float] = []
         self.conn: StormConn | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -379,10 +381,17 @@ class Observer:
                     sub = self.user.resubscribe()
                     nc = await open_conn(self.port, self.user, self.stats, on_welcome=sub)
                     ack = await asyncio.wait_for(asyncio.shield(nc.ack_fut), 10)
-                except (StormRefused, OSError, TimeoutError, ConnectionError):
+                except (StormRefused, OSError, TimeoutError, ConnectionError) as exc:
+                    key = (
+                        f"http {exc.status}"
+                        if isinstance(exc, StormRefused)
+                        else type(exc).__name__
+                    )
+                    self.refused[key] = self.refused.get(key, 0) + 1
                     await asyncio.sleep(0.02)
                     continue
                 self.reconnects += 1
+                self.back_at.append(time.time())
                 self.conn = nc
                 for e in ack.get("subscriptions") or []:
                     if e.get("channel") == "activity" and not e.get("recovered"):
@@ -427,6 +436,8 @@ class Observer:
             "before_listening": before,
             "after_last_ack": after,
             "observer_reconnects": self.reconnects,
+            "observer_back_after_s": [round(t - t0, 3) for t in self.back_at],
+            "observer_failed_attempts": dict(self.refused),
         }
 
     async def close(self) -> None:
@@ -528,11 +539,11 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
         if subscribed < n:
             raise StormError(f"only {subscribed} of {n} clients subscribed")
         pub = Publisher(f"http://{HOST}:{live.port}", s.rate)
-        notified = [f"s{i}" for i in range(n) if s.notify_every and i % s.notify_every == 0]
+        users = [f"s{i}" for i in range(n) if notified(i, s.notify_every)]
         pushed = 0
-        if notified:
+        if users:
             for k in range(s.notes):
-                pushed += await pub.notify(notified, k)
+                pushed += await pub.notify(users, k)
         pub.start()
         await asyncio.sleep(max(1.0, 4 / s.rate))
         positions = {ch: await pub.position(ch) for ch in LIBRARIES}
@@ -543,7 +554,7 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
         res["behind_before_storm"] = sum(a["behind"] for a in armed)
         movers = sum(a["movers"] for a in armed)
         res["movers"] = movers
-        res["notified_users"] = len(notified)
+        res["notified_users"] = len(users)
         res["notifications_pushed_live"] = pushed
         obs.follow(time.monotonic() + s.timeout + 60)
         say(f"storm {name}: {n:,} clients ready ({movers:,} to move); " + SCENARIOS[name])

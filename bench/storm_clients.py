@@ -39,12 +39,27 @@ import orjson
 from .common import HOST
 from .wsclient import HandshakeRefused, Stats, WSClient, build_request
 
-__all__ = ["LIBRARIES", "StormConn", "StormRefused", "User", "open_conn", "run"]
+__all__ = [
+    "LIBRARIES",
+    "StormConn",
+    "StormRefused",
+    "User",
+    "notified",
+    "open_conn",
+    "run",
+]
 
 LIBRARIES = ("library:l1", "library:l2")
 SUBSCRIBED = ("activity", *LIBRARIES)
 _RETRY = re.compile(rb"(?im)^retry-after:\s*([0-9.]+)")
 _WINDOW = re.compile(rb"(?im)^reconnect-window:\s*([0-9.]+)")
+
+
+def notified(index: int, every: int) -> bool:
+    """One user in ``every`` gets notifications: in each block of ``every`` users a
+    different offset in alternate blocks, so that they are not all of one parity (a
+    round-robin balancer puts odd and even connections on different nodes)."""
+    return every > 0 and index % every == (index // every) % 2
 
 
 def family(channel: str) -> str:
@@ -192,6 +207,8 @@ class StormConn(WSClient):
         self._notes: list[str] = []
         self._note_timer: asyncio.TimerHandle | None = None
         self._note_req = 0
+        #: notification.ack requests in flight: id -> (ids, tries).
+        self._note_sent: dict[str, tuple[list[str], int]] = {}
 
     def _handshake(self, head: bytes) -> None:
         status = int(head[9:12]) if head[:9] == b"HTTP/1.1 " and head[9:12].isdigit() else 0
@@ -249,6 +266,7 @@ class StormConn(WSClient):
                 if not self.ack_fut.done():
                     self.ack_fut.set_result(data)
             elif isinstance(rid, str) and rid.startswith("n"):
+                self._note_sent.pop(rid, None)
                 u.acked_notes.update((msg.get("data") or {}).get("ids") or [])
         elif mtype == "notification":
             nid = (msg.get("data") or {}).get("id")
@@ -261,9 +279,17 @@ class StormConn(WSClient):
                     loop = asyncio.get_running_loop()
                     self._note_timer = loop.call_later(0.05, self._ack_notes)
         elif mtype == "error":
-            code = (msg.get("data") or {}).get("code")
-            u.checks[f"error {code} ({msg.get('id')})"] += 1
-            if msg.get("id") == "s1" and not self.ack_fut.done():
+            data = msg.get("data") or {}
+            code, rid = data.get("code"), msg.get("id")
+            sent = self._note_sent.pop(rid, None) if isinstance(rid, str) else None
+            u.checks[f"error {code} ({'notification.ack' if sent else rid})"] += 1
+            if sent is not None and data.get("retryable") and sent[1] < 3:
+                # As an app does with a retryable error: try again a little later.
+                u.checks["notification.ack retried"] += 1
+                asyncio.get_running_loop().call_later(
+                    0.5 * (sent[1] + 1), self._send_note_ack, sent[0], sent[1] + 1
+                )
+            if rid == "s1" and not self.ack_fut.done():
                 self.ack_fut.set_exception(ConnectionError(f"subscribe refused: {code}"))
                 self.ack_fut.exception()
         elif mtype == "subscription.reset":
@@ -276,12 +302,15 @@ class StormConn(WSClient):
         self._note_timer = None
         ids, self._notes = self._notes, []
         if ids:
-            self._note_req += 1
-            self.send_text(
-                orjson.dumps(
-                    {"type": "notification.ack", "id": f"n{self._note_req}", "data": {"ids": ids}}
-                )
-            )
+            self._send_note_ack(ids, 0)
+
+    def _send_note_ack(self, ids: list[str], tries: int) -> None:
+        if self.closed_fut.done():
+            return  # re-sent on the next connection, acknowledged there
+        self._note_req += 1
+        rid = f"n{self._note_req}"
+        self._note_sent[rid] = (ids, tries)
+        self.send_text(orjson.dumps({"type": "notification.ack", "id": rid, "data": {"ids": ids}}))
 
 
 async def open_conn(
@@ -337,7 +366,7 @@ class Storm:
         self.rng = random.Random(self.offset + 1)
         every = int(cfg.get("notify_every", 10))
         self.users = [
-            User(self.offset + i, tok, every > 0 and (self.offset + i) % every == 0)
+            User(self.offset + i, tok, notified(self.offset + i, every))
             for i, tok in enumerate(_tokens(self.n, self.offset))
         ]
         self.outcomes: Counter[str] = Counter()
@@ -536,7 +565,7 @@ class Storm:
                 p = u.pos.get(ch)
                 if p is None or p[0] != epoch or p[1] < seq:
                     behind[key] += 1
-        notified = [u for u in self.users if u.notify and u.closed_at]
+        moved = [u for u in self.users if u.notify and u.closed_at]
         return {
             **self.back_report(),
             "outcomes": dict(self.outcomes),
@@ -546,8 +575,8 @@ class Storm:
             "gave_up": dict(gave_up),
             "behind_at_end": dict(behind),
             "nodes": dict(Counter(u.node or "?" for u in self.users)),
-            "notify_users": len(notified),
-            "notify_users_resent_all": sum(1 for u in notified if len(u.resent) >= notes),
+            "notify_users": len(moved),
+            "notify_users_resent_all": sum(1 for u in moved if len(u.resent) >= notes),
             "notes_resent": sum(u.resent_count for u in self.users),
             "notes_resent_distinct": sum(len(u.resent) for u in self.users),
             "notes_acked": sum(len(u.acked_notes) for u in self.users),
