@@ -19,13 +19,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.helpers import make_settings  # noqa: E402
 from tests.test_browser import (  # noqa: E402
+    PagesHub,
     chromium,
     make_test_video,
     missing_tools,
     open_demo,
     pages_hub,
 )
+
+#: A short offline grace, so that a user who leaves shows in the "Who's online" feed.
+SETTINGS_ENV = {"REVENGE_ACTIVITY_OFFLINE_GRACE": "2", "REVENGE_ACTIVITY_PRESENCE_WINDOW": "0.5"}
+
+
+async def connect_as(hub: PagesHub, sub: str, name: str) -> object:
+    """A bare WebSocket connection of ``sub`` (closed with the hub), named ``name``."""
+    ws = await hub.session.ws_connect(
+        f"{hub.url}/api/v1/ws?token={hub.token(sub, name=name)}", protocols=["revenge.v1"]
+    )
+    hub.sockets.append(ws)
+    return ws
 
 
 async def traffic(hub: object, stop: asyncio.Event) -> None:
@@ -64,7 +78,8 @@ async def traffic(hub: object, stop: asyncio.Event) -> None:
 async def main(out: Path) -> None:
     media = Path(tempfile.mkdtemp(prefix="revenge-media-"))
     shutil.copyfile(make_test_video(size="640x360", bitrate="900k"), media / "movie.webm")
-    async with pages_hub(media=media) as hub, chromium() as browser:
+    settings = make_settings(SETTINGS_ENV)
+    async with pages_hub(settings, media=media) as hub, chromium() as browser:
         # -- the demo: a watch party with two members, notifications, transcoding
         ctx_a, alice = await open_demo(browser, hub, "alice", "?media=/media/movie.webm")
         await alice.fill("#room-name", "Friday movie night")
@@ -78,6 +93,11 @@ async def main(out: Path) -> None:
             ".length === 2",
             timeout=15_000,
         )
+        # Who's online: two more users come online, one of them leaves again.
+        await connect_as(hub, "carol", "Carol")
+        dave = await connect_as(hub, "dave", "Dave")
+        await asyncio.sleep(1.0)
+        await dave.close()  # type: ignore[attr-defined]
         await alice.click("#invite")
         await bob.fill("#chat-input", "Popcorn is ready, starting in 3...")
         await bob.click("#chat-form button")
