@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import resource
 import signal
 
 from .common import HOST, pin, raise_nofile, run_loop
@@ -127,6 +128,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.core is not None:
         pin({args.core})
+    # Two sockets per client: 10,000 clients need more than a 20,000 hard limit; root may
+    # raise it (up to fs.nr_open).
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
     raise_nofile()
     backends = []
     for item in args.backends.split(","):

@@ -757,6 +757,7 @@ async def run_bench(args: argparse.Namespace, preset: Preset, progress: Progress
                 procs=preset.storm_procs,
                 timeout=preset.storm_timeout,
                 scenarios=list(preset.storm_scenarios),
+                profile=args.profile,
             )
             storm = await run_storm(bench, settings)
             storm["command"] = results["meta"]["command"]
@@ -825,7 +826,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("--storm-procs", type=int, help="storm client processes")
     ap.add_argument("--storm-timeout", type=float, help="storm: seconds until a client gives up")
-    ap.add_argument("--profile", action="store_true", help="also run the hub fan-out under py-spy")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also run the hub fan-out under py-spy; in the storm, record the live node",
+    )
     ap.add_argument("--profile-native", action="store_true", help="py-spy --native")
     ap.add_argument(
         "--hub-src",

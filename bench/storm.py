@@ -89,6 +89,8 @@ class StormSettings:
     notify_every: int = 10
     notes: int = 5
     rate: float = 5.0
+    #: Record the live node with py-spy from t0 to the last ack (--profile).
+    profile: bool = False
 
 
 # -- processes -------------------------------------------------------------------------
@@ -476,6 +478,7 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
     balancer: subprocess.Popen[bytes] | None = None
     pub: Publisher | None = None
     obs: Observer | None = None
+    spy: dict[str, Any] = {}
     say = bench.progress.say
     res: dict[str, Any] = {
         "scenario": name,
@@ -582,10 +585,16 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
         r0 = cpu_s(redis.proc.pid if redis else None)
         b0 = cpu_s(balancer.pid if balancer else None)
         bench.progress.watch(f"storm {name}", live.pid, [lp.pid for lp in procs])
+        if s.profile:  # numbers of a profiled run are not comparable (py-spy samples)
+            spy = bench.start_pyspy(live.pid, f"hub-storm-{name}", s.timeout)
         backs = await _each(procs, "BACK", s.timeout + 120)
         c1 = cpu_s(live.pid)
         r1 = cpu_s(redis.proc.pid if redis else None)
         b1 = cpu_s(balancer.pid if balancer else None)
+        if spy.get("proc") is not None:
+            spy["proc"].send_signal(signal.SIGINT)  # py-spy writes what it has
+            spy["duration"] = 0
+            res["profile"] = await bench.finish_pyspy(spy)
         acks = sorted(a - t0 for r in backs for a in r["back"])
         t_last = t0 + acks[-1] if acks else time.time()
         await asyncio.sleep(1.5)  # live traffic after the last ack, then the final check
@@ -613,6 +622,8 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
         )
         return res
     finally:
+        if spy.get("proc") is not None and spy["proc"].poll() is None:
+            spy["proc"].kill()
         if obs is not None:
             await obs.close()
         if pub is not None:
