@@ -942,6 +942,12 @@ def storm_section(storm: dict[str, Any], png_name: str | None) -> list[str]:
                 "—" if v is None else f"{v} s" for v in (r["redis_cpu_s"], r["balancer_cpu_s"])
             ),
         ),
+        row(
+            "client processes' CPU / other processes on the hub's core",
+            lambda r: (
+                f"{r['clients_cpu_s']} s over {r['window_s']} s / {r['server_core_other_pct']} %"
+            ),
+        ),
         row("presence publications t0 → last ack", presence),
         row(
             "HTTP 503 (with `Reconnect-Window`)",

@@ -55,6 +55,7 @@ from .common import (
     python_env,
     wait_port,
 )
+from .load import core_busy
 from .servers import Server, command, hub_env
 from .storm_clients import LIBRARIES, StormConn, StormRefused, User, notified, open_conn
 from .wsclient import Stats
@@ -584,6 +585,9 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
             res["t0"] = "the new node listening"
         r0 = cpu_s(redis.proc.pid if redis else None)
         b0 = cpu_s(balancer.pid if balancer else None)
+        l0 = sum(cpu_s(lp.pid) for lp in procs)
+        k0 = core_busy([bench.server_core])
+        w0 = time.time()
         bench.progress.watch(f"storm {name}", live.pid, [lp.pid for lp in procs])
         if s.profile:  # numbers of a profiled run are not comparable (py-spy samples)
             spy = bench.start_pyspy(live.pid, f"hub-storm-{name}", s.timeout)
@@ -591,6 +595,9 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
         c1 = cpu_s(live.pid)
         r1 = cpu_s(redis.proc.pid if redis else None)
         b1 = cpu_s(balancer.pid if balancer else None)
+        l1 = sum(cpu_s(lp.pid) for lp in procs)
+        k1 = core_busy([bench.server_core])
+        wall = max(1e-3, time.time() - w0)
         if spy.get("proc") is not None:
             spy["proc"].send_signal(signal.SIGINT)  # py-spy writes what it has
             spy["duration"] = 0
@@ -613,6 +620,13 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
                 "hub_cpu_ms_per_reconnect": round(1000 * (c1 - c0) / max(1, len(acks)), 2),
                 "redis_cpu_s": round(r1 - r0, 2) if redis else None,
                 "balancer_cpu_s": round(b1 - b0, 2) if balancer else None,
+                "clients_cpu_s": round(l1 - l0, 2),
+                "window_s": round(wall, 2),
+                # The servers' core: time spent by other processes than the hub and Redis
+                # (other users of the machine), % of the window: a noisy run shows here.
+                "server_core_other_pct": round(
+                    100 * max(0.0, k1["busy"] - k0["busy"] - (c1 - c0) - (r1 - r0)) / wall, 1
+                ),
                 "presence": presence,
                 "publisher": {"ok": pub.ok, "failed": dict(pub.failed), "rate": s.rate},
                 "final_positions": final,
