@@ -954,6 +954,18 @@ def storm_section(storm: dict[str, Any], png_name: str | None) -> list[str]:
             lambda r: f"{r['http_503']:,} ({r['http_503_with_window']:,})",
         ),
         row("connection attempts", lambda r: f"{r['attempts']:,}"),
+        row(
+            "successful attempt: connect → welcome, p50 / p99 / max",
+            lambda r: " / ".join(f"{v} s" for v in r["handshake_p50_p99_max_s"]),
+        ),
+        row(
+            "successful attempt: welcome → subscribe ack, p50 / p99 / max",
+            lambda r: " / ".join(f"{v} s" for v in r["subscribe_p50_p99_max_s"]),
+        ),
+        row(
+            "time a user waited (policy delays) before it, p50 / p99 / max",
+            lambda r: " / ".join(f"{v} s" for v in r["waited_p50_p99_max_s"]),
+        ),
         row("gave up", lambda r: f"**{r['gave_up']:,}** {_yes(not r['gave_up'])}"),
         row("gaps", lambda r: f"**{r['gaps']:,}** {_yes(not r['gaps'])}"),
         row(

@@ -603,6 +603,13 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
             spy["duration"] = 0
             res["profile"] = await bench.finish_pyspy(spy)
         acks = sorted(a - t0 for r in backs for a in r["back"])
+        for key in ("handshake_s", "subscribe_s", "waited_s"):
+            vals = sorted(v for r in backs for v in r[key])
+            res[f"{key[:-2]}_p50_p99_max_s"] = [
+                round(percentile(vals, 50), 3),
+                round(percentile(vals, 99), 3),
+                round(vals[-1], 3) if vals else 0.0,
+            ]
         t_last = t0 + acks[-1] if acks else time.time()
         await asyncio.sleep(1.5)  # live traffic after the last ack, then the final check
         await pub.stop()

@@ -109,6 +109,11 @@ class User:
         self.mover = False
         self.closed_at = 0.0
         self.back_at = 0.0
+        #: Of the attempt that brought the user back: connect → welcome, welcome → ack;
+        #: and the seconds it waited (policy delays) since its connection ended.
+        self.handshake_s = 0.0
+        self.subscribe_s = 0.0
+        self.waited_s = 0.0
         self.gave_up = ""
         #: Called with (receive time, publication) for every publication (the observer).
         self.record: Any = None
@@ -474,6 +479,7 @@ class Storm:
             elif code in (1001, 1012):
                 window = u.welcome_window
             attempt = 0
+            waited = 0.0
             delay = reconnect_delay(self.policy, attempt, self.rng, code=code, window=window)
             attempt += 1
             while True:
@@ -481,13 +487,16 @@ class Storm:
                     u.gave_up = "not back at the deadline"
                     return
                 await asyncio.sleep(delay)
+                waited += delay
                 self.attempts += 1
                 sub = u.resubscribe()
                 nc: StormConn | None = None
+                t_try = time.monotonic()
                 try:
                     nc = await open_conn(
                         self.port, u, self.stats, on_welcome=sub, timeout=self.connect_timeout
                     )
+                    t_welcome = time.monotonic()
                     await asyncio.wait_for(asyncio.shield(nc.ack_fut), self.request_timeout)
                 except StormRefused as exc:
                     self.outcomes[f"http {exc.status}"] += 1
@@ -524,6 +533,9 @@ class Storm:
                 u.node = nc.node
                 if not u.back_at:
                     u.back_at = time.time()
+                    u.handshake_s = t_welcome - t_try
+                    u.subscribe_s = time.monotonic() - t_welcome
+                    u.waited_s = waited
                 break
 
     def closed_users(self) -> list[User]:
@@ -543,6 +555,9 @@ class Storm:
             "movers": sum(1 for u in self.users if u.mover),
             "closed": len(self.closed_users()),
             "back": [round(u.back_at, 4) for u in self.users if u.back_at],
+            "handshake_s": [round(u.handshake_s, 4) for u in self.users if u.back_at],
+            "subscribe_s": [round(u.subscribe_s, 4) for u in self.users if u.back_at],
+            "waited_s": [round(u.waited_s, 3) for u in self.users if u.back_at],
             "closes": [round(u.closed_at, 4) for u in self.users if u.closed_at],
             "never_closed": sum(1 for u in self.users if u.mover and not u.closed_at),
         }
