@@ -943,6 +943,14 @@ def storm_section(storm: dict[str, Any], png_name: str | None) -> list[str]:
             ),
         ),
         row(
+            "Redis commands per reconnect (all traffic from t0 to the last ack)",
+            lambda r: (
+                "—"
+                if r["redis_commands_per_reconnect"] is None
+                else f"{r['redis_commands_per_reconnect']:,}"
+            ),
+        ),
+        row(
             "client processes' CPU / other processes on the hub's core",
             lambda r: (
                 f"{r['clients_cpu_s']} s over {r['window_s']} s / {r['server_core_other_pct']} %"
@@ -1002,8 +1010,9 @@ def storm_section(storm: dict[str, Any], png_name: str | None) -> list[str]:
             a(f"  Gave up: {_kinds(r['gave_up_reasons'])}.")
         p = r.get("presence") or {}
         a(
-            f"  Presence by type: {_kinds(p.get('by_type') or {})}; users reported "
-            f"{p.get('users_reported', 0):,}; published while the old node shut down "
+            f"  Presence by type: {_kinds(p.get('by_type') or {})}; users reported online "
+            f"{p.get('users_reported_online', 0):,}, offline "
+            f"{p.get('users_reported_offline', 0):,}; published while the old node shut down "
             f"{p.get('before_listening', 0):,}, after the last ack {p.get('after_last_ack', 0):,}."
         )
         logs = r.get("hub_log") or {}
@@ -1053,7 +1062,8 @@ def write_storm_section(storm: dict[str, Any], md: Path, png: Path | None) -> No
         plot_storm(storm, png)
         png_name = _rel(png, md)
     section = "\n".join(storm_section(storm, png_name)).rstrip("\n") + "\n\n"
-    text = md.read_text(encoding="utf-8") if md.exists() else ""
+    old = md.read_text(encoding="utf-8") if md.exists() else ""
+    text = "\n" + old  # every heading, the first one too, follows a newline
     at = text.find("\n" + STORM_HEADING)
     if at >= 0:
         end = text.find("\n## ", at + 1)
@@ -1063,6 +1073,6 @@ def write_storm_section(storm: dict[str, Any], md: Path, png: Path | None) -> No
         if method >= 0:
             text = text[: method + 1] + section + text[method + 1 :]
         else:
-            text = text.rstrip("\n") + ("\n\n" if text else "") + section
+            text = text.rstrip("\n") + ("\n\n" if old else "\n") + section
     md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(text, encoding="utf-8")
+    md.write_text(text[1:], encoding="utf-8")

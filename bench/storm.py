@@ -120,6 +120,27 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://{HOST}:{self.port}/0"
 
+    def commands(self) -> int:
+        """Commands Redis has processed so far (``INFO stats``); -1 if it cannot say."""
+        import socket
+
+        with (
+            contextlib.suppress(OSError, ValueError),
+            socket.create_connection((HOST, self.port), 2) as sock,
+        ):
+            sock.settimeout(2)
+            sock.sendall(b"*2\r\n$4\r\nINFO\r\n$5\r\nstats\r\n")
+            data = b""
+            while b"total_commands_processed:" not in data or not data.endswith(b"\r\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            for line in data.split(b"\r\n"):
+                if line.startswith(b"total_commands_processed:"):
+                    return int(line.split(b":", 1)[1])
+        return -1
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -408,7 +429,7 @@ class Observer:
         from collections import Counter
 
         inside: Counter[str] = Counter()
-        entries = 0
+        entries: Counter[str] = Counter()
         before = after = 0
         for _t, ts, mtype, data in self.pubs:
             if mtype not in PRESENCE_TYPES or ts is None:
@@ -422,9 +443,10 @@ class Observer:
                 continue
             inside[mtype] += 1
             if mtype == "activity.presence" and isinstance(data, dict):
-                entries += len(data.get("online") or []) + len(data.get("offline") or [])
+                entries["online"] += len(data.get("online") or [])
+                entries["offline"] += len(data.get("offline") or [])
             else:
-                entries += 1
+                entries["online" if mtype.endswith("online") else "offline"] += 1
         unseen = sum(k for _t, k, _e in self.unseen)
         storm_s = max(0.0, t_end - t0)
         total = sum(inside.values()) + unseen
@@ -433,7 +455,9 @@ class Observer:
             "publications": total,
             "by_type": dict(inside),
             "not_seen_individually": unseen,
-            "users_reported": entries,
+            "users_reported": sum(entries.values()),
+            "users_reported_online": entries["online"],
+            "users_reported_offline": entries["offline"],
             "budget": budget,
             "within_budget": total <= budget,
             "before_listening": before,
@@ -584,6 +608,7 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
             res["listening_after_sigterm_s"] = round(t0 - t_before, 2)
             res["t0"] = "the new node listening"
         r0 = cpu_s(redis.proc.pid if redis else None)
+        q0 = redis.commands() if redis else 0
         b0 = cpu_s(balancer.pid if balancer else None)
         l0 = sum(cpu_s(lp.pid) for lp in procs)
         k0 = core_busy([bench.server_core])
@@ -594,6 +619,7 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
         backs = await _each(procs, "BACK", s.timeout + 120)
         c1 = cpu_s(live.pid)
         r1 = cpu_s(redis.proc.pid if redis else None)
+        q1 = redis.commands() if redis else 0
         b1 = cpu_s(balancer.pid if balancer else None)
         l1 = sum(cpu_s(lp.pid) for lp in procs)
         k1 = core_busy([bench.server_core])
@@ -626,6 +652,10 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
                 "hub_cpu_s": round(c1 - c0, 2),
                 "hub_cpu_ms_per_reconnect": round(1000 * (c1 - c0) / max(1, len(acks)), 2),
                 "redis_cpu_s": round(r1 - r0, 2) if redis else None,
+                # Every node's commands from t0 to the last ack (publications included).
+                "redis_commands_per_reconnect": round((q1 - q0) / max(1, len(acks)), 1)
+                if redis
+                else None,
                 "balancer_cpu_s": round(b1 - b0, 2) if balancer else None,
                 "clients_cpu_s": round(l1 - l0, 2),
                 "window_s": round(wall, 2),
