@@ -275,6 +275,8 @@ async def test_key_value(subject: Subject) -> None:
     assert await b.get_value("short") is None
     assert await b.set_if_absent("brief", "z", 10) is None
     assert await b.get_value("brief") == "z"
+    assert await b.get_values(["k", "short", "brief", "never"]) == ["v3", None, "z", None]
+    assert await b.get_values([]) == []
 
 
 async def test_ping(subject: Subject) -> None:

@@ -303,23 +303,6 @@ async def test_user_data_debounce(shub: Hub) -> None:
     assert (await ws.request("ping", {"t0": 0}))["type"] == "pong"
 
 
-async def test_activity_online_offline_once_per_user(hub: Hub) -> None:
-    watcher = await hub.connect("watcher")
-    await watcher.request("subscribe", {"channels": ["activity"]})
-    a1 = await hub.connect("dave", name="Dave")
-    a2 = await hub.connect("dave", name="Dave")
-    await a1.close()
-    await a2.close()
-    seen = []
-    for _ in range(10):
-        msg = await watcher.recv()
-        if msg["type"].startswith("activity.") and msg["data"]["user_id"] == "dave":
-            seen.append(msg["type"])
-            if msg["type"] == "activity.user_offline":
-                break
-    assert seen == ["activity.user_online", "activity.user_offline"]
-
-
 async def test_shutdown_tells_admins_and_flushes_batches(hub_with: Any) -> None:
     async with hub_with({"REVENGE_CHANNELS_LIBRARY_COALESCE_WINDOW": "60"}) as hub:
         admin = await hub.connect("root", role="admin")

@@ -54,6 +54,11 @@ class ServerSettings(_Section):
     accept_burst: int = Field(2000, ge=1)
     #: Open WebSocket connections per node; the next handshake gets 503.
     max_connections: int = Field(10000, ge=1)
+    #: WebSocket handshakes a node works on at once (from the request to the ``welcome``);
+    #: the next one gets 503 with ``Retry-After`` before its token is looked at. About
+    #: 0.1 s of work at ~1 ms each: enough to keep a core busy, short enough that a client
+    #: never waits long behind the queue.
+    max_pending_handshakes: int = Field(128, ge=1)
     #: Serve the dashboard/demo pages and the JS client.
     static: bool = True
     #: Seconds over which clients should spread their reconnects after a restart (advised
@@ -195,6 +200,16 @@ class ChannelSettings(_Section):
     transcode_retention: float = Field(3600.0, ge=0)
 
 
+class ActivitySettings(_Section):
+    #: Publish ``activity.presence`` on ``activity`` (false: no presence, for privacy).
+    presence: bool = True
+    #: Presence changes are coalesced into at most one publication per window (s).
+    presence_window: float = Field(1.0, gt=0, le=60)
+    #: A user is reported offline only after their last connection has been closed this
+    #: long (s), so restarts and reconnects do not flap.
+    offline_grace: float = Field(10.0, ge=0, le=3600)
+
+
 class SyncplaySettings(_Section):
     sync_threshold: float = Field(2.0, gt=0)
     min_lead_ms: float = Field(500.0, gt=0, le=5000)
@@ -220,6 +235,7 @@ class Settings(_Section):
     debug: DebugSettings = Field(default_factory=DebugSettings)
     notifications: NotificationSettings = Field(default_factory=NotificationSettings)
     channels: ChannelSettings = Field(default_factory=ChannelSettings)
+    activity: ActivitySettings = Field(default_factory=ActivitySettings)
     syncplay: SyncplaySettings = Field(default_factory=SyncplaySettings)
 
     @property

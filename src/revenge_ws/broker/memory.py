@@ -260,5 +260,9 @@ class MemoryBroker:
     async def get_value(self, key: str) -> str | None:
         return self._kv_get(key, self._clock())
 
+    async def get_values(self, keys: list[str]) -> list[str | None]:
+        now = self._clock()
+        return [self._kv_get(key, now) for key in keys]
+
     async def set_value(self, key: str, value: str, ttl: float) -> None:
         self._kv_set(key, value, self._clock() + ttl)

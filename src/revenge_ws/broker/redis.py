@@ -849,6 +849,12 @@ class RedisBroker:
         value = await self._run(self._redis.get(f"{self.prefix}:kv:{key}"))
         return None if value is None else _text(value)
 
+    async def get_values(self, keys: list[str]) -> list[str | None]:
+        if not keys:
+            return []
+        values = await self._run(self._redis.mget([f"{self.prefix}:kv:{k}" for k in keys]))
+        return [None if v is None else _text(v) for v in values]
+
     async def set_value(self, key: str, value: str, ttl: float) -> None:
         await self._run(self._redis.set(f"{self.prefix}:kv:{key}", value, px=_ms(ttl)))
 

@@ -39,6 +39,7 @@ from ..protocol import (
     encode_message,
     now_ms,
 )
+from .admission import HandshakeGate
 from .channels import (
     LATEST_VALUE,
     ChannelPolicy,
@@ -67,6 +68,19 @@ RECOVERY_ATTEMPTS = 5
 REVOCATION_TTL = 30 * 24 * 3600.0
 #: How long a disconnect waits for the connection's connect hooks to finish (s).
 HOOK_WAIT = 10.0
+#: Close codes that ask the client to come back: their reason advises a spread window
+#: (``"restart; window=10"``, contract v1.1 §12).
+COME_BACK = frozenset(
+    {
+        CloseCode.GOING_AWAY,
+        CloseCode.SERVICE_RESTART,
+        CloseCode.SLOW_CONSUMER,
+        CloseCode.HEARTBEAT_TIMEOUT,
+        CloseCode.RATE_LIMITED,
+    }
+)
+#: The longest spread window a node advises (s).
+MAX_WINDOW = 300.0
 
 
 @dataclass(slots=True)
@@ -128,7 +142,9 @@ class Node:
         self.settings = settings
         self.node_id = settings.node_id
         self.broker = broker
-        self._in_process = bool(getattr(broker, "in_process", False))
+        #: The broker lives in this process (``in_process``): its calls never wait on I/O
+        #: and its state dies with the process.
+        self.broker_in_process = bool(getattr(broker, "in_process", False))
         self.observer: Observer = observer or NullObserver()
         self.verifier = verifier or TokenVerifier(settings.jwt)
         self.hub = Hub(on_gap=self._on_gap)
@@ -163,6 +179,7 @@ class Node:
         self._accept = TokenBucket(
             settings.server.accept_rate, settings.server.accept_burst, time.monotonic()
         )
+        self.handshakes = HandshakeGate(settings.server.max_pending_handshakes)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._recovering: set[str] = set()
@@ -180,12 +197,13 @@ class Node:
         """Refuse new connections, run the stop hooks (flush batches, tell admins), then
         close every open connection with ``code``. Idempotent.
 
-        The default reason advises clients to spread their reconnects over
-        ``server.restart_window`` seconds (``"restart; window=5"``), so a restart does not
+        The reason advises clients to spread their reconnects over
+        :meth:`spread_window` seconds (``"restart; window=10"``), so a restart does not
         turn into a reconnect storm.
         """
+        window = self.spread_window()
         if reason is None:
-            reason = f"restart; window={self.settings.server.restart_window:g}"
+            reason = "restart"
         if not self.closing:
             self.closing = True
             for hook in self.on_stop:
@@ -194,7 +212,7 @@ class Node:
                 except Exception as exc:
                     log.warning("stop hook failed: %r", exc)
         for conn in self.hub:
-            conn.close(code, reason)
+            self.close_connection(conn, code, reason, window)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -279,6 +297,24 @@ class Node:
     def retry_after(self) -> float:
         return max(1.0, self._accept.retry_after())
 
+    def spread_window(self) -> float:
+        """Seconds over which clients told to come back (a close in :data:`COME_BACK`, a
+        503) should spread their reconnects: ``server.restart_window``, or longer when
+        this node's connections could not all be admitted within it at
+        ``server.accept_rate`` (10,000 connections at 1,000/s: 10 s)."""
+        server = self.settings.server
+        return min(MAX_WINDOW, max(server.restart_window, len(self.hub) / server.accept_rate))
+
+    def close_connection(
+        self, conn: Connection, code: int, reason: str, window: float | None = None
+    ) -> None:
+        """Close ``conn``; a close that asks the client to come back advises the spread
+        window in its reason."""
+        if code in COME_BACK:
+            w = self.spread_window() if window is None else window
+            reason = f"{reason}; window={w:g}"
+        conn.close(code, reason)
+
     async def release(self, claims: Claims, session_id: str) -> int:
         with contextlib.suppress(BrokerUnavailable):
             return await self.call(self.broker.presence.remove_connection(claims.sub, session_id))
@@ -286,7 +322,7 @@ class Node:
 
     async def call(self, aw: Awaitable[T]) -> T:
         """Await a broker call with the broker timeout; every failure is BrokerUnavailable."""
-        if self._in_process:
+        if self.broker_in_process:
             # The in-process broker never waits on I/O: a timeout would only cost a
             # timer per call (~10 % of a handshake's CPU in the profile, 8-9 calls each).
             return await aw
@@ -386,6 +422,8 @@ class Node:
 
     async def _run_hooks(self, hooks: list[Hook], conn: Connection, what: str) -> None:
         for hook in hooks:
+            if what == "connect" and conn.closed:
+                return  # the client left: its setup (a store read, re-sends) is wasted
             try:
                 await hook(conn)
             except (BrokerUnavailable, StoreUnavailable) as exc:
@@ -438,7 +476,7 @@ class Node:
     def _slow(self, conn: Connection) -> None:
         if not conn.closed:
             self.observer.slow_connection()
-            conn.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+            self.close_connection(conn, CloseCode.SLOW_CONSUMER, "slow consumer")
 
     # -- inbound ---------------------------------------------------------------------
     def receive(
@@ -462,7 +500,7 @@ class Node:
             self.observer.message_in("invalid" if isinstance(action, Reply) else "replay")
             conn.send(action.payload)
         elif isinstance(action, Close):
-            conn.close(action.code, action.reason)
+            self.close_connection(conn, action.code, action.reason)
         return None
 
     def _pong(self, conn: Connection, env: Envelope, t1: float) -> None:
@@ -979,7 +1017,7 @@ class Node:
                 continue
             verdict = conn.session.check(now)
             if verdict is not None:
-                conn.close(verdict.code, verdict.reason)
+                self.close_connection(conn, verdict.code, verdict.reason)
             elif now - conn.session.last_seen >= interval and now - conn.last_ping >= interval:
                 conn.last_ping = now
                 conn.transport.ping()

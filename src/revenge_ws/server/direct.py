@@ -53,7 +53,7 @@ from ..core.node import Node
 from ..protocol import SUBPROTOCOL, now_ms
 from .errors import Refusal
 from .logs import log_access
-from .ws import CLOSE_TIMEOUT, Upgrade, admit, control_frame
+from .ws import CLOSE_TIMEOUT, Upgrade, admit, control_frame, enter_handshake
 
 __all__ = ["Engine", "Socket"]
 
@@ -242,10 +242,17 @@ class Socket(asyncio.Protocol):
             reason = str(proto.handshake_exc or "malformed request")
             self._refuse(Refusal(ErrorCode.INVALID_MESSAGE, f"bad upgrade request: {reason}"))
             return
+        self._path = request.path.partition("?")[0]
+        node = self._engine.node
+        # Counted from here, not when the task runs: handshakes queued behind a busy loop
+        # are work in progress too.
+        busy = enter_handshake(node)
+        if busy is not None:
+            self._refuse(busy)
+            return
         # Nothing more is read until the handshake is decided (admission awaits).
         self._t.pause_reading()
-        self._path = request.path.partition("?")[0]
-        self._engine.node.spawn(self._handshake(request, route), "ws-handshake")
+        node.spawn(self._handshake(request, route), "ws-handshake")
 
     async def _handshake(self, request: Request, route: Route) -> None:
         try:
@@ -262,6 +269,8 @@ class Socket(asyncio.Protocol):
                 self._refuse(Refusal(ErrorCode.INTERNAL, "internal error"))
             else:
                 self._t.abort()
+        finally:
+            self._engine.node.handshakes.leave()
 
     async def _open(self, request: Request, route: Route) -> None:
         node = self._engine.node
@@ -272,6 +281,8 @@ class Socket(asyncio.Protocol):
             if self._accept(request):
                 self._resume()
             return
+        if self._t.is_closing():
+            return  # the client left while its handshake waited: no work for it
         admitted = await admit(up, node)
         if isinstance(admitted, Refusal):
             self._refuse(admitted)

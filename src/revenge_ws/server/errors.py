@@ -43,23 +43,40 @@ STATUS: dict[ErrorCode, int] = {
 class Refusal:
     """An error answered over plain HTTP: the contract's JSON body, and ``Retry-After``
     when the request may be repeated. Rendered by aiohttp (:meth:`response`) or by the
-    direct WebSocket engine (:attr:`status`, :meth:`body`, :meth:`headers`)."""
+    direct WebSocket engine (:attr:`status`, :meth:`body`, :meth:`headers`).
+
+    ``window`` (refused handshakes, contract v1.1 §12) advises the seconds over which
+    clients should spread their next attempt after ``retry_after``: header
+    ``Reconnect-Window`` and ``error.window`` in the body (with ``error.retry_after``).
+    """
 
     code: ErrorCode
     message: str
     retry_after: float | None = None
+    window: float | None = None
 
     @property
     def status(self) -> int:
         return STATUS[self.code]
 
+    @property
+    def _retry_seconds(self) -> int | None:
+        return max(1, round(self.retry_after)) if self.retry_after else None
+
     def body(self) -> bytes:
-        return encode({"error": {"code": self.code.value, "message": self.message}})
+        error: dict[str, object] = {"code": self.code.value, "message": self.message}
+        if self.window is not None:
+            error["retry_after"] = self._retry_seconds
+            error["window"] = self.window
+        return encode({"error": error})
 
     def headers(self) -> list[tuple[str, str]]:
-        if not self.retry_after:
-            return []
-        return [("Retry-After", str(max(1, round(self.retry_after))))]
+        out: list[tuple[str, str]] = []
+        if self._retry_seconds is not None:
+            out.append(("Retry-After", str(self._retry_seconds)))
+        if self.window is not None:
+            out.append(("Reconnect-Window", f"{self.window:g}"))
+        return out
 
     def response(self) -> web.Response:
         return web.Response(

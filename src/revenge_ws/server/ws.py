@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ __all__ = [
     "admit",
     "close_reply",
     "control_frame",
+    "enter_handshake",
     "extract_token",
     "websocket_handler",
 ]
@@ -149,65 +151,80 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     upgrade are all answered here, a broker or store failure included (503).
     """
     node = request.app[NODE]
-    up = Upgrade.of(request)
-    admitted = await admit(up, node)
-    if isinstance(admitted, Refusal):
-        return admitted.response()
-    claims, session_id, extra, room_id = admitted
+    busy = enter_handshake(node)
+    if busy is not None:
+        return busy.response()
+    opening = True
     try:
-        ws = web.WebSocketResponse(
-            protocols=(SUBPROTOCOL,),
-            compress=False,
-            # aiohttp refuses a message whose size is >= max_msg_size; the contract
-            # allows exactly message_size bytes and closes with 1009 only above it.
-            max_msg_size=node.settings.limits.message_size + 1,
-            autoping=False,
-            # The reply to a client's close is ours (close_reply): aiohttp's automatic
-            # one is always 1000 and lets 1006 and codes >= 5000 pass.
-            autoclose=False,
-            timeout=CLOSE_TIMEOUT,
-        )
-        await ws.prepare(request)
-        raw = request.transport
-        if raw is None:  # the peer left during the upgrade
-            return ws
-        transport = AiohttpTransport(ws, raw)
-        conn = await node.open(claims, transport, session_id, extra_channels=extra)
-        if room_id is not None:
-            await node.join_room_on_connect(conn, room_id, dict(request.query))
+        if request.transport is None or request.transport.is_closing():
+            # The client left while its request waited: no work for it.
+            return web.Response(status=400)
+        admitted = await admit(Upgrade.of(request), node)
+        if isinstance(admitted, Refusal):
+            return admitted.response()
+        claims, session_id, extra, room_id = admitted
         try:
-            while not conn.closed:
-                msg = await ws.receive()
-                t = now_ms()
-                kind = msg.type
-                if kind is WSMsgType.TEXT:
-                    pending = node.receive(conn, msg.data, t)
-                    if pending is not None:
-                        await pending
-                elif kind is WSMsgType.PING or kind is WSMsgType.PONG:
-                    if control_frame(node, conn) and kind is WSMsgType.PING:
-                        with contextlib.suppress(ConnectionError, RuntimeError):
-                            await ws.pong(msg.data)
-                elif kind is WSMsgType.BINARY:
-                    conn.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
-                elif kind is WSMsgType.CLOSE:
-                    received = int(msg.data or 0)
-                    conn.close(close_reply(received), "")
-                    conn.close_code = received or 1005  # what the client said (1005: none)
-                    break
-                else:
-                    # CLOSE / CLOSING / CLOSED / ERROR (e.g. too big: aiohttp sent 1009).
-                    if kind is WSMsgType.ERROR and ws.close_code is not None:
-                        conn.close_code = ws.close_code
-                    break
-        except ConnectionError:
-            pass
+            ws = web.WebSocketResponse(
+                protocols=(SUBPROTOCOL,),
+                compress=False,
+                # aiohttp refuses a message whose size is >= max_msg_size; the contract
+                # allows exactly message_size bytes and closes with 1009 only above it.
+                max_msg_size=node.settings.limits.message_size + 1,
+                autoping=False,
+                # The reply to a client's close is ours (close_reply): aiohttp's automatic
+                # one is always 1000 and lets 1006 and codes >= 5000 pass.
+                autoclose=False,
+                timeout=CLOSE_TIMEOUT,
+            )
+            await ws.prepare(request)
+            raw = request.transport
+            if raw is None:  # the peer left during the upgrade
+                return ws
+            transport = AiohttpTransport(ws, raw)
+            try:
+                conn = await node.open(claims, transport, session_id, extra_channels=extra)
+            finally:
+                opening = False
+                node.handshakes.leave()
+            if room_id is not None:
+                await node.join_room_on_connect(conn, room_id, dict(request.query))
+            try:
+                while not conn.closed:
+                    msg = await ws.receive()
+                    t = now_ms()
+                    kind = msg.type
+                    if kind is WSMsgType.TEXT:
+                        pending = node.receive(conn, msg.data, t)
+                        if pending is not None:
+                            await pending
+                    elif kind is WSMsgType.PING or kind is WSMsgType.PONG:
+                        if control_frame(node, conn) and kind is WSMsgType.PING:
+                            with contextlib.suppress(ConnectionError, RuntimeError):
+                                await ws.pong(msg.data)
+                    elif kind is WSMsgType.BINARY:
+                        conn.close(CloseCode.UNSUPPORTED_DATA, "binary frames are not supported")
+                    elif kind is WSMsgType.CLOSE:
+                        received = int(msg.data or 0)
+                        conn.close(close_reply(received), "")
+                        # What the client said (1005: no code).
+                        conn.close_code = received or 1005
+                        break
+                    else:
+                        # CLOSE / CLOSING / CLOSED / ERROR (e.g. too big: aiohttp sent 1009).
+                        if kind is WSMsgType.ERROR and ws.close_code is not None:
+                            conn.close_code = ws.close_code
+                        break
+            except ConnectionError:
+                pass
+            finally:
+                await transport.wait_closed()
+                await node.closed(conn, ws.close_code)
+            return ws
         finally:
-            await transport.wait_closed()
-            await node.closed(conn, ws.close_code)
-        return ws
+            await node.release_if_unopened(claims, session_id)
     finally:
-        await node.release_if_unopened(claims, session_id)
+        if opening:
+            node.handshakes.leave()
 
 
 def control_frame(node: Node, conn: Connection) -> bool:
@@ -218,21 +235,41 @@ def control_frame(node: Node, conn: Connection) -> bool:
     if verdict is None:
         return True
     if isinstance(verdict, Close):
-        conn.close(verdict.code, verdict.reason)
+        node.close_connection(conn, verdict.code, verdict.reason)
     else:
         conn.send(verdict.payload)
     return False
 
 
+def enter_handshake(node: Node) -> Refusal | None:
+    """Take one of the node's places for a handshake in progress (contract v1.1 §12),
+    before anything about the request is looked at, its token included. None when
+    taken: the adapter gives it back (``node.handshakes.leave()``) once the connection is
+    open or refused. Else the 503 to answer."""
+    if node.handshakes.enter():
+        return None
+    node.observer.handshake_refused(ErrorCode.UNAVAILABLE.value)
+    return Refusal(
+        ErrorCode.UNAVAILABLE,
+        "too many handshakes in progress, retry later",
+        1,
+        node.spread_window(),
+    )
+
+
 async def admit(up: Upgrade, node: Node) -> Refusal | Admitted:
     """Every check before the upgrade: a refusal, or what the connection needs. A broker
-    or store failure is a refusal too (503, retry in a second)."""
+    or store failure is a refusal too (503, retry in a second). Every 503 advises the
+    node's spread window (contract v1.1 §12)."""
     try:
-        return await _admit(up, node)
+        result = await _admit(up, node)
     except UNAVAILABLE_ERRORS as exc:
         log.warning("handshake refused: unavailable: %s", exc)
         node.observer.handshake_refused(ErrorCode.UNAVAILABLE.value)
-        return UNAVAILABLE
+        result = UNAVAILABLE
+    if isinstance(result, Refusal) and result.code is ErrorCode.UNAVAILABLE:
+        return dataclasses.replace(result, window=node.spread_window())
+    return result
 
 
 async def _admit(up: Upgrade, node: Node) -> Refusal | Admitted:

@@ -1,0 +1,345 @@
+"""Connection storms (contract v1.1 §11, §12) with real sockets and real processes:
+coalesced presence on ``activity``, restarts that never flap, the bound on handshakes in
+progress, and spread windows on every "come back"."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import aiohttp
+import pytest
+
+from revenge_ws.client import Client
+
+from .faultproxy import FaultProxy
+from .helpers import WS, Hub, free_port, start_hub_process, until
+from .redis_fixtures import RedisProcess
+
+HubWith = Callable[..., AbstractAsyncContextManager[Hub]]
+
+#: Presence settings short enough for tests: 0.2 s window, 1 s grace.
+FAST = {"REVENGE_ACTIVITY_PRESENCE_WINDOW": "0.2", "REVENGE_ACTIVITY_OFFLINE_GRACE": "1"}
+
+
+class Watcher:
+    """Collects every ``activity.presence`` an observer connection receives."""
+
+    def __init__(self, ws: WS) -> None:
+        self.ws = ws
+        self.messages: list[dict[str, Any]] = []
+        self.types: list[str] = []
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        while not self.ws.ws.closed:
+            try:
+                msg = await self.ws.recv(timeout=120)
+            except AssertionError:
+                return  # the close frame: the test is over
+            self.types.append(msg["type"])
+            if msg["type"] == "activity.presence":
+                self.messages.append(msg["data"])
+
+    def users(self, key: str) -> list[str]:
+        return [u["user_id"] for data in self.messages for u in data[key]]
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        await self.ws.close()
+
+
+async def watch(hub: Hub) -> Watcher:
+    ws = await hub.connect("watcher")
+    ack = await ws.request("subscribe", {"channels": ["activity"]})
+    assert ack["type"] == "ack"
+    return Watcher(ws)
+
+
+async def test_first_connection_and_last_close_are_reported_once(hub_with: HubWith) -> None:
+    async with hub_with(FAST) as hub:
+        w = await watch(hub)
+        a1 = await hub.connect("dave", name="Dave")
+        a2 = await hub.connect("dave", name="Dave")
+        await until(lambda: "dave" in w.users("online"), what="dave online")
+        await a1.close()
+        await a2.close()
+        await until(lambda: "dave" in w.users("offline"), what="dave offline")
+        assert w.users("online").count("dave") == 1
+        assert w.users("offline") == ["dave"]
+        entries = [u for d in w.messages for u in d["online"] if u["user_id"] == "dave"]
+        assert entries == [{"user_id": "dave", "name": "Dave"}]
+        await w.stop()
+
+
+async def test_a_reconnect_within_the_grace_is_not_reported(hub_with: HubWith) -> None:
+    async with hub_with(FAST) as hub:
+        w = await watch(hub)
+        ws = await hub.connect("erin")
+        await until(lambda: "erin" in w.users("online"), what="erin online")
+        await ws.close()
+        ws = await hub.connect("erin")  # back well within the 1 s grace
+        # Another user's change after the grace proves the feed ran past erin's grace.
+        await asyncio.sleep(1.5)
+        other = await hub.connect("fred")
+        await until(lambda: "fred" in w.users("online"), what="fred online")
+        assert "erin" not in w.users("offline")
+        assert w.users("online").count("erin") == 1
+        await other.close()
+        await ws.close()
+        await w.stop()
+
+
+async def test_presence_can_be_switched_off(hub_with: HubWith) -> None:
+    async with hub_with({**FAST, "REVENGE_ACTIVITY_PRESENCE": "false"}) as hub:
+        w = await watch(hub)
+        ws = await hub.connect("gail")
+        await ws.close()
+        await asyncio.sleep(1.5)  # past the window and the grace
+        await hub.publish("activity", "server.event", {"marker": True})
+        await until(lambda: "server.event" in w.types, what="the marker")
+        assert w.messages == []
+        assert not any(t.startswith("activity.") for t in w.types)
+        await w.stop()
+
+
+async def test_500_clients_cost_a_handful_of_presence_publications(hub_with: HubWith) -> None:
+    """Contract §11's cost rule: N users connecting within T seconds cause at most about
+    T / window presence publications (here ≤ T / window + 2), not N."""
+    window = 0.2
+    env = {
+        **FAST,
+        "REVENGE_SERVER_ACCEPT_BURST": "100000",
+        # All 500 at once: the bound on handshakes in progress has its own test.
+        "REVENGE_SERVER_MAX_PENDING_HANDSHAKES": "1000",
+    }
+    async with hub_with(env) as hub:
+        w = await watch(hub)
+        # No connector limit: an open WebSocket holds its connector slot (default 100).
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        hub.sessions.append(session)
+        t0 = time.monotonic()
+        sockets = await asyncio.gather(
+            *(session.ws_connect(f"{hub.ws_url}?token={hub.token(f'u{i}')}") for i in range(500))
+        )
+        # Every client subscribes to activity too, as the demo page and the apps do.
+        for i, ws in enumerate(sockets):
+            await ws.send_json(
+                {"type": "subscribe", "id": f"s{i}", "data": {"channels": ["activity"]}}
+            )
+        everyone = {f"u{i}" for i in range(500)}
+        await until(lambda: everyone <= set(w.users("online")), timeout=60, what="500 online")
+        elapsed = time.monotonic() - t0
+        assert len(w.messages) <= elapsed / window + 2, (len(w.messages), elapsed)
+        # Each reported once (the watcher's own arrival is the other entry).
+        assert sorted(w.users("online")) == sorted([*everyone, "watcher"])
+        for ws in sockets:
+            await ws.close()
+        await w.stop()
+
+
+async def test_the_handshake_bound_answers_503_before_the_token(hub_with: HubWith) -> None:
+    """Two handshakes held in the broker call: the third is refused 503 with
+    ``Retry-After`` and the spread window, even with a forged token; once they finish,
+    the next one is admitted."""
+    async with hub_with({"REVENGE_SERVER_MAX_PENDING_HANDSHAKES": "2"}) as hub:
+        node = hub.node
+        gate = asyncio.Event()
+        add = node.broker.presence.add_connection
+
+        async def held(user_id: str, client_id: str) -> int:
+            await asyncio.wait_for(gate.wait(), 10)
+            return await add(user_id, client_id)
+
+        node.broker.presence.add_connection = held
+        session = await hub.session()
+        pending = [
+            asyncio.create_task(session.ws_connect(f"{hub.ws_url}?token={hub.token(u)}"))
+            for u in ("held1", "held2")
+        ]
+        await until(lambda: node.handshakes.pending == 2, what="two handshakes in progress")
+        async with session.get(f"{hub.url}/api/v1/ws?token=forged") as r:
+            body = await r.json()
+            assert r.status == 503
+            assert r.headers["Retry-After"] == "1"
+            assert float(r.headers["Reconnect-Window"]) >= 5
+        assert body["error"]["code"] == "UNAVAILABLE"
+        assert body["error"]["retry_after"] == 1 and body["error"]["window"] >= 5
+        assert node.handshakes.refused == 1
+        gate.set()
+        for ws in await asyncio.gather(*pending):
+            assert (await ws.receive_json(timeout=5))["type"] == "welcome"
+            await ws.close()
+        assert node.handshakes.pending == 0
+        ws = await hub.connect("after")
+        await ws.close()
+
+
+@pytest.mark.parametrize("engine", ["direct", "aiohttp"])
+async def test_nothing_is_done_for_a_client_that_left(hub_with: HubWith, engine: str) -> None:
+    async with hub_with({"REVENGE_SERVER_WS_ENGINE": engine}) as hub:
+        node = hub.node
+        gate = asyncio.Event()
+        entered = asyncio.Event()
+        get_value = node.broker.get_value
+
+        async def held(key: str) -> str | None:
+            if key.startswith("revoked:quitter"):
+                entered.set()
+                await asyncio.wait_for(gate.wait(), 10)
+            return await get_value(key)
+
+        node.broker.get_value = held
+        opened: list[str] = []
+        node.on_connect.append(lambda conn: _record(opened, conn.user_id))
+        reader, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+        writer.write(
+            (
+                f"GET /api/v1/ws?token={hub.token('quitter')} HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{hub.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        await writer.drain()
+        await asyncio.wait_for(entered.wait(), 5)
+        writer.close()  # the client gives up while its handshake is in progress
+        await asyncio.sleep(0.2)
+        gate.set()
+        await until(lambda: node.handshakes.pending == 0, what="the handshake given up")
+        assert await node.broker.presence.connection_count("quitter") == 0
+        assert opened == [] and len(node.hub) == 0
+        assert await reader.read() == b""
+
+
+async def _record(into: list[str], user: str) -> None:
+    into.append(user)
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "advised"),
+    [
+        (4002, "slow consumer", True),
+        (4003, "heartbeat timeout", True),
+        (4004, "rate limited", True),
+        (1012, "restart", True),
+        (4503, "bye", False),
+    ],
+)
+async def test_come_back_closes_advise_the_spread_window(
+    hub_with: HubWith, code: int, reason: str, advised: bool
+) -> None:
+    async with hub_with({"REVENGE_SERVER_RESTART_WINDOW": "7"}) as hub:
+        ws = await hub.connect("hank")
+        conn = next(iter(hub.node.hub.user_connections("hank")))
+        hub.node.close_connection(conn, code, reason)
+        msg = await ws.ws.receive(timeout=5)
+        assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == code
+        assert msg.extra == (f"{reason}; window=7" if advised else reason)
+
+
+# -- restarts ------------------------------------------------------------------------------
+async def _clients(url: str, users: list[str], tokens: dict[str, str]) -> list[Client]:
+    clients = [Client(url, token=tokens[u], restart_window=0.5) for u in users]
+    for c in clients:
+        await c.start()
+    for c in clients:
+        await c.wait_connected(10)
+    return clients
+
+
+async def test_a_restart_never_reports_reconnecting_users_offline() -> None:
+    """SIGTERM and a new hub on the same port (memory broker): every client comes back,
+    and nobody is reported offline, during the restart or after the grace."""
+    from .helpers import make_settings
+
+    port = free_port()
+    env = {**FAST, "REVENGE_SERVER_RESTART_WINDOW": "0.5"}
+    hub = start_hub_process(env, port=port)
+    settings = make_settings()
+    from revenge_ws.auth import mint_token
+
+    users = [f"r{i}" for i in range(20)]
+    tokens = {u: mint_token(settings.jwt, u) for u in [*users, "watcher"]}
+    url = f"ws://127.0.0.1:{port}/api/v1/ws"
+    seen: list[dict[str, Any]] = []
+    watcher = Client(url, token=tokens["watcher"], restart_window=0.5)
+    watcher.on("activity.presence", lambda msg: seen.append(msg["data"]))
+    clients: list[Client] = []
+    try:
+        await watcher.start()
+        await watcher.wait_connected(10)
+        await watcher.subscribe("activity")
+        clients = await _clients(url, users, tokens)
+        online = lambda: {u["user_id"] for d in seen for u in d["online"]}  # noqa: E731
+        await until(lambda: set(users) <= online(), what="everyone online")
+        connects = [c.stats.connects for c in clients]
+        assert hub.stop() == 0
+        hub = start_hub_process(env, port=port)
+        back = list(zip(clients, connects, strict=True))
+        await until(
+            lambda: all(c.stats.connects > n and c.connected for c, n in back),
+            timeout=30,
+            what="every client back",
+        )
+        await asyncio.sleep(2.0)  # past the 1 s grace and a window
+        offline = {u["user_id"] for d in seen for u in d["offline"]}
+        assert offline & set(users) == set()
+    finally:
+        for c in [*clients, watcher]:
+            await c.close()
+        hub.stop(signal.SIGKILL)
+
+
+@pytest.mark.redis
+async def test_users_moving_to_another_node_are_neither_offline_nor_online_again(
+    redis_proc: RedisProcess,
+) -> None:
+    """Two nodes on one Redis: node A stops (SIGTERM); its users reconnect to node B.
+    Nobody is reported offline, and node B does not announce them again."""
+    from revenge_ws.auth import mint_token
+
+    from .helpers import make_settings
+
+    env = {**FAST, "REVENGE_BROKER_URL": redis_proc.url, "REVENGE_SERVER_RESTART_WINDOW": "0.5"}
+    a = start_hub_process({**env, "REVENGE_NODE_ID": "a"})
+    b = start_hub_process({**env, "REVENGE_NODE_ID": "b"})
+    settings = make_settings()
+    users = [f"m{i}" for i in range(10)]
+    tokens = {u: mint_token(settings.jwt, u) for u in [*users, "watcher"]}
+    seen: list[dict[str, Any]] = []
+    watcher = Client(b.ws_url, token=tokens["watcher"])
+    watcher.on("activity.presence", lambda msg: seen.append(msg["data"]))
+    clients: list[Client] = []
+    # The balancer in front of the nodes: node A, then node B once A is gone.
+    balancer = await FaultProxy(a.port).start()
+    try:
+        await watcher.start()
+        await watcher.wait_connected(10)
+        await watcher.subscribe("activity")
+        clients = await _clients(balancer.ws_url, users, tokens)
+        online = lambda: [u["user_id"] for d in seen for u in d["online"]]  # noqa: E731
+        await until(lambda: set(users) <= set(online()), what="everyone online")
+        connects = [c.stats.connects for c in clients]
+        balancer.target = ("127.0.0.1", b.port)
+        assert a.stop() == 0
+        back = list(zip(clients, connects, strict=True))
+        await until(
+            lambda: all(c.stats.connects > n and c.connected for c, n in back),
+            timeout=30,
+            what="every client on node B",
+        )
+        await asyncio.sleep(2.0)  # past the 1 s grace and a window
+        assert {u["user_id"] for d in seen for u in d["offline"]} & set(users) == set()
+        # Announced once, by node A (and the watcher itself, by node B).
+        assert sorted(online()) == sorted([*users, "watcher"])
+    finally:
+        for c in [*clients, watcher]:
+            await c.close()
+        await balancer.stop()
+        for node in (a, b):
+            node.stop(signal.SIGKILL)
