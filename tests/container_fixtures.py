@@ -81,6 +81,8 @@ BUILD_FLAGS = _ulimits()
 #: Flags every ``podman run`` of these tests needs on these machines.
 RUN_FLAGS = ("--runtime", "runc", *BUILD_FLAGS)
 HUB_TAG = "localhost/revenge-ws:test"
+#: A label of the hub image's final stage (Containerfile).
+TITLE_LABEL = "org.opencontainers.image.title=revenge-ws"
 
 
 def podman(
@@ -289,6 +291,12 @@ def hub_image() -> HubImage:
             str(ROOT),
             timeout=900,
         )
+        # What earlier runs left: hub images replaced by this one (untagged now) and
+        # wheelhouses of another pyproject.toml or interpreter.
+        podman("image", "prune", "--force", "--filter", f"label={TITLE_LABEL}", check=False)
+        for old in CACHE.glob("wheels-*"):
+            if old != wheels:
+                shutil.rmtree(old, ignore_errors=True)
     size = int(podman("image", "inspect", "--format", "{{.Size}}", HUB_TAG).stdout.strip())
     return HubImage(HUB_TAG, base, size, out.stdout + out.stderr)
 
