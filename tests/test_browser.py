@@ -1,5 +1,5 @@
 """The browser side, in headless Chromium against a real hub: the JavaScript client, the
-demo page (watch party, notifications) and the dashboard.
+demo page (watch party, notifications, who's online) and the dashboard.
 
 Chromium is Debian's (``apt-get install chromium``), driven by Playwright for Python with
 ``executable_path`` (no browser download). Test media is made at test time with ffmpeg.
@@ -413,6 +413,33 @@ async def test_offline_page_recovers_missed_notifications(browser: Any) -> None:
         await ctx.close()
 
 
+async def test_demo_shows_who_is_online(browser: Any) -> None:
+    """The demo's "Who's online" panel lists a user who connects elsewhere (here with the
+    Python client) from ``activity.presence``, and drops them once their last connection
+    has been closed for the offline grace."""
+    from revenge_ws.client import Client
+
+    env = {"REVENGE_ACTIVITY_OFFLINE_GRACE": "1", "REVENGE_ACTIVITY_PRESENCE_WINDOW": "0.2"}
+    async with pages_hub(make_settings(env)) as hub:
+        ctx, page = await open_demo(browser, hub, "alice")
+        # The page subscribes `activity` once connected; presence starts from there.
+        await page.wait_for_function("() => 'activity' in window.revengeDemo.client.positions()")
+        bob_online = '#online li[data-user="bob"]'
+        async with Client(
+            f"ws://127.0.0.1:{hub.port}/api/v1/ws", token=hub.token("bob", name="Bob")
+        ) as bob:
+            await bob.wait_connected(10)
+            await page.wait_for_selector(bob_online, timeout=10_000)
+        assert await page.locator(bob_online).text_content() == "Bob"
+        assert "Bob came online" in (await page.locator("#presence-feed").text_content() or "")
+        await page.wait_for_selector(bob_online, state="detached", timeout=15_000)
+        assert "Bob went offline" in (await page.locator("#presence-feed").text_content() or "")
+        count = await page.evaluate("() => window.revengeDemo.online.size")
+        assert await page.locator("#online-count").text_content() == str(count)
+        assert page.errors == []
+        await ctx.close()
+
+
 async def test_dashboard_shows_a_new_connection(browser: Any) -> None:
     async with pages_hub() as hub:
         context = await browser.new_context(viewport={"width": 1280, "height": 900})
@@ -428,6 +455,7 @@ async def test_dashboard_shows_a_new_connection(browser: Any) -> None:
         await page.wait_for_function(
             "() => window.revengeDashboard.info?.connections >= 1"
             " && window.revengeDashboard.client?.connected"
+            " && 'activity' in window.revengeDashboard.client.positions()"
         )
         await asyncio.sleep(0.5)
         before = int(await page.locator("#connections").text_content() or "0")
@@ -437,6 +465,8 @@ async def test_dashboard_shows_a_new_connection(browser: Any) -> None:
             arg=before + 1,
             timeout=10_000,
         )
+        # The online users card lists dave (activity.presence, within a presence window).
+        await page.wait_for_selector('#online-users li[data-user="dave"]', timeout=10_000)
         assert await page.locator("#health-text").text_content() == "ready"
         assert await page.locator("#chart polyline").count() == 3
         # A room appears in the rooms table.
