@@ -263,6 +263,34 @@ async def test_pending_can_leave_out_muted_types(store: NotificationStore) -> No
     assert [n.id for n in muted] == [reminder.id]
 
 
+async def test_pending_of_many_users_in_one_query(store: NotificationStore) -> None:
+    """What a reconnect storm reads: each user's oldest unacknowledged notifications, up to
+    the limit per user, muted types left out, and an entry for users with none."""
+    for i in range(3):
+        await one(store, "alice", title=f"a{i}", now_ms=T0 + i)
+    await one(store, "bob", notification_type="content.new_movie", now_ms=T0)
+    kept = await one(store, "bob", notification_type="playback.resume_reminder", now_ms=T0 + 1)
+    await store.set_preferences("bob", {"content.new_movie": False})
+    acked = await one(store, "carol", now_ms=T0)
+    await store.ack("carol", [acked.id])
+    users = ["alice", "bob", "carol", "dave", "alice"]
+    got = await store.pending_many(users, limit=2)
+    assert {u: [n.title for n in notes] for u, notes in got.items()} == {
+        "alice": ["a0", "a1"],
+        "bob": [kept.title],
+        "carol": [],
+        "dave": [],
+    }
+    assert [n.id for n in got["bob"]] == [kept.id]
+    many = [f"u{i}" for i in range(1200)]  # more users than one query takes
+    await one(store, "u1199", title="last")
+    got = await store.pending_many([*many, "alice"])
+    assert len(got) == 1201 and [n.title for n in got["u1199"]] == ["last"]
+    assert len(got["alice"]) == 3
+    with pytest.raises(ValueError, match="limit"):
+        await store.pending_many(["alice"], limit=0)
+
+
 async def test_many_ids_in_one_ack(store: NotificationStore) -> None:
     created = [await one(store, now_ms=T0 + i) for i in range(3)]
     ids = [n.id for n in created] + [f"01J{i:023d}" for i in range(1200)]

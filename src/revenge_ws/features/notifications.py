@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..codes import ErrorCode
+from ..core.batch import Coalescer
 from ..core.connection import Connection
 from ..core.node import Node, Request
 from ..exceptions import BrokerUnavailable, RequestError, StoreUnavailable
@@ -88,6 +90,8 @@ class Notifications:
         self.node = node
         self.store = store
         self._muted_cache: dict[str, tuple[float, list[str]]] = {}
+        #: The redelivery reads of connections opened together share one store query.
+        self._pending: Coalescer[str, list[Notification]] = Coalescer(self._pending_many)
 
     async def _muted(self, user_id: str) -> list[str]:
         now = time.monotonic()
@@ -136,12 +140,13 @@ class Notifications:
 
     async def redeliver(self, conn: Connection) -> None:
         """After every (re)connect: what the user has not acknowledged yet."""
-        pending = await self.store.pending(
-            conn.user_id, REDELIVER_LIMIT, exclude_types=await self._muted(conn.user_id)
-        )
+        pending = await self._pending.get(conn.user_id)
         channel = f"notifications:{conn.user_id}"
         for note in pending:
             conn.send(_direct(channel, note))
+
+    async def _pending_many(self, user_ids: Sequence[str]) -> dict[str, list[Notification]]:
+        return await self.store.pending_many(user_ids, REDELIVER_LIMIT)
 
     # -- requests ------------------------------------------------------------------------
     async def ack(self, req: Request) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from .base import (
     validate_new,
     validate_preferences,
     validate_retention,
+    validate_users,
 )
 from .base import now_ms as _now_ms
 
@@ -591,6 +592,34 @@ class PostgresNotificationStore:
                 excluded,
             )
         return [_row(r) for r in rows]
+
+    async def pending_many(
+        self, user_ids: Sequence[str], limit: int = 100
+    ) -> dict[str, builtins.list[Notification]]:
+        validate_limit(limit)
+        out: dict[str, builtins.list[Notification]] = {}
+        for chunk in validate_users(user_ids):
+            out.update((u, []) for u in chunk)
+            async with self._connection("reading pending notifications") as conn:
+                rows = await conn.fetch(
+                    self._sql(
+                        f"SELECT {_COLUMNS} FROM ("  # noqa: S608
+                        " SELECT n.*, ROW_NUMBER() OVER"
+                        " (PARTITION BY n.user_id ORDER BY n.created_at, n.id) AS rank"
+                        " FROM {s}.notifications n"
+                        " WHERE n.user_id = ANY($1::text[]) AND NOT n.acked"
+                        " AND NOT EXISTS (SELECT 1 FROM {s}.notification_preferences p"
+                        " WHERE p.user_id = n.user_id"
+                        " AND p.notification_type = n.notification_type AND NOT p.push)"
+                        ") t WHERE rank <= $2 ORDER BY user_id, created_at, id"
+                    ),
+                    chunk,
+                    limit,
+                )
+            for r in rows:
+                note = _row(r)
+                out[note.user_id].append(note)
+        return out
 
     async def list(
         self,

@@ -49,6 +49,7 @@ from .base import (
     validate_new,
     validate_preferences,
     validate_retention,
+    validate_users,
 )
 from .base import now_ms as _now_ms
 
@@ -482,6 +483,31 @@ class SQLiteNotificationStore:
                 (user_id, *excluded, limit),
             )
         return [_row(r) for r in rows]
+
+    async def pending_many(
+        self, user_ids: Sequence[str], limit: int = 100
+    ) -> dict[str, builtins.list[Notification]]:
+        validate_limit(limit)
+        out: dict[str, builtins.list[Notification]] = {}
+        for chunk in validate_users(user_ids):
+            out.update((u, []) for u in chunk)
+            async with self._read() as db:
+                rows = await db.execute_fetchall(
+                    f"SELECT {_COLUMNS} FROM ("  # noqa: S608 (placeholders only)
+                    " SELECT n.*, ROW_NUMBER() OVER"
+                    " (PARTITION BY n.user_id ORDER BY n.created_at, n.id) AS rank"
+                    " FROM notifications n"
+                    f" WHERE n.user_id IN ({_marks(len(chunk))}) AND n.acked = 0"
+                    " AND NOT EXISTS (SELECT 1 FROM notification_preferences p"
+                    " WHERE p.user_id = n.user_id"
+                    " AND p.notification_type = n.notification_type AND p.push = 0)"
+                    ") WHERE rank <= ? ORDER BY user_id, created_at, id",
+                    (*chunk, limit),
+                )
+            for r in rows:
+                note = _row(r)
+                out[note.user_id].append(note)
+        return out
 
     async def list(
         self,
