@@ -183,20 +183,20 @@ class Connection:
         """Write what is queued, in as few writes as the transport allows."""
         self._flush_pending = False
         ob = self.outbox
-        if self.closed or not ob._frames:
+        if self.closed or not ob:
             return
         if self.transport.buffered() > HIGH_WATER:
             self._flush_pending = True
             self.loop.call_later(RETRY_DELAY, self.flush)
             return
-        if len(ob._frames) == 1:
+        if len(ob) == 1:
             self.sent_messages += 1
             self.transport.write(ob.pop_one())
             return
         frames = ob.drain(WRITE_CHUNK)
         self.sent_messages += len(frames)
         self.transport.write(b"".join(frames))
-        if ob._frames:
+        if ob:
             self._flush_pending = True
             self.loop.call_later(RETRY_DELAY, self.flush)
 

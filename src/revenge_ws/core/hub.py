@@ -108,8 +108,7 @@ class Hub:
             if latest:
                 conn.send_latest(pub.channel, frame)
             else:
-                if conn.outbox._slots:
-                    conn.outbox.barrier(pub.channel)
+                conn.outbox.barrier(pub.channel)
                 conn.send_frame(frame)
             n += 1
         self.delivered += n

@@ -28,6 +28,7 @@ class Outbox:
         self._head = 0
 
     def __len__(self) -> int:
+        """How many frames are queued (an empty outbox is falsy)."""
         return len(self._frames)
 
     def push(self, frame: bytes, *, extra: int = 0) -> bool:
@@ -70,8 +71,11 @@ class Outbox:
         return True
 
     def barrier(self, key: str) -> None:
-        """A non-conflatable frame of ``key`` was queued: later values must queue behind it."""
-        self._slots.pop(key, None)
+        """A non-conflatable frame of ``key`` was queued: later values must queue behind it.
+
+        Cheap when nothing latest-value is queued (the common case in a fan-out loop)."""
+        if self._slots:
+            self._slots.pop(key, None)
 
     def drain(self, max_bytes: int | None = None) -> list[bytes]:
         """Remove and return queued frames, oldest first, up to about ``max_bytes``."""
