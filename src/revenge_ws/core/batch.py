@@ -28,6 +28,7 @@ class Coalescer(Generic[K, V]):
     leaves the others alone; nothing waits longer than ``timeout`` seconds for its
     answer (``TimeoutError``). The queue holds at most ``max_waiting`` waiters; past it
     ``get`` asks ``fetch`` alone, without queueing (no unbounded growth, no refusal).
+    A batch that is not full waits ``gather`` seconds for company before its fetch.
     """
 
     def __init__(
@@ -37,8 +38,11 @@ class Coalescer(Generic[K, V]):
         max_keys: int = 500,
         max_waiting: int = 100_000,
         timeout: float = 30.0,
+        gather: float = 0.0,
     ) -> None:
         self._fetch = fetch
+        #: Seconds a batch waits for company before its first fetch.
+        self.gather = gather
         self.max_keys = max_keys
         self.max_waiting = max_waiting
         self.timeout = timeout
@@ -62,9 +66,11 @@ class Coalescer(Generic[K, V]):
             return await fut
 
     async def _run(self) -> None:
-        # One pass of the loop first: the handshakes handled in this iteration join.
-        await asyncio.sleep(0)
         while self._waiting:
+            if len(self._waiting) < self.max_keys:
+                # Let company arrive first: the handshakes handled in this loop iteration
+                # at least, and those of the next ``gather`` seconds.
+                await asyncio.sleep(self.gather)
             keys = list(self._waiting)[: self.max_keys]
             batch = {k: self._waiting.pop(k) for k in keys}
             self._queued -= sum(len(f) for f in batch.values())

@@ -32,6 +32,9 @@ log = logging.getLogger("revenge_ws.notifications")
 PRIORITIES = ("critical", "high", "normal", "low")
 #: Redelivered after a (re)connect, oldest first; the rest follow once these are acked.
 REDELIVER_LIMIT = 100
+#: The re-send waits this long for other connections' (s): after a restart the store is
+#: asked once per batch of reconnecting users, not once per user.
+REDELIVER_GATHER = 0.02
 
 
 UserId = Annotated[str, Field(min_length=1, max_length=128)]
@@ -91,7 +94,9 @@ class Notifications:
         self.store = store
         self._muted_cache: dict[str, tuple[float, list[str]]] = {}
         #: The redelivery reads of connections opened together share one store query.
-        self._pending: Coalescer[str, list[Notification]] = Coalescer(self._pending_many)
+        self._pending: Coalescer[str, list[Notification]] = Coalescer(
+            self._pending_many, gather=REDELIVER_GATHER
+        )
 
     async def _muted(self, user_id: str) -> list[str]:
         now = time.monotonic()
