@@ -85,3 +85,18 @@ async def test_past_the_queue_bound_a_read_goes_alone() -> None:
     release.set()
     assert await asyncio.gather(*queued) == [0, 0]
     assert ["late"] in calls
+
+
+async def test_a_batch_waits_for_company() -> None:
+    calls: list[list[str]] = []
+
+    async def fetch(keys: Sequence[str]) -> dict[str, int]:
+        calls.append(list(keys))
+        return {k: 0 for k in keys}
+
+    co: Coalescer[str, int] = Coalescer(fetch, gather=0.2)
+    first = asyncio.create_task(co.get("early"))
+    await asyncio.sleep(0.01)  # well within the gathering time
+    assert await co.get("late") == 0
+    assert await first == 0
+    assert calls == [["early", "late"]]
