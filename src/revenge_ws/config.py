@@ -61,8 +61,9 @@ class ServerSettings(_Section):
     max_pending_handshakes: int = Field(128, ge=1)
     #: Serve the dashboard/demo pages and the JS client.
     static: bool = True
-    #: Seconds over which clients should spread their reconnects after a restart (advised
-    #: in the 1012 close reason as ``window=N``).
+    #: Seconds over which clients told to come back (1001, 1012, 4002-4004 closes: their
+    #: reason says ``window=N``; 503s: ``Reconnect-Window``) spread their reconnects; longer
+    #: when the node has more connections than ``accept_rate`` admits within it.
     restart_window: float = Field(5.0, ge=0, le=300)
 
 
