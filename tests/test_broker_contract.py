@@ -7,6 +7,7 @@ redis-server): both must assign seq/epoch, keep history, recover and dedupe iden
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import pytest
 from revenge_ws.broker.base import Broker, PresenceInfo, Publication
 from revenge_ws.broker.memory import MemoryBroker
 from revenge_ws.config import HistoryFamily
+from revenge_ws.exceptions import BrokerUnavailable
 from revenge_ws.protocol import StreamPosition, encode_publication, frame_text
 
 from .redis_fixtures import (
@@ -279,8 +281,22 @@ async def test_key_value(subject: Subject) -> None:
     assert await b.get_values([]) == []
 
 
-async def test_ping(subject: Subject) -> None:
-    await subject.broker.ping()
+async def test_ping(subject: Subject, make_redis_broker: MakeBroker) -> None:
+    """``ping`` returns at once, with nothing, exactly when the broker serves (a publish
+    right after it is delivered); a broker whose backend cannot be reached raises
+    ``BrokerUnavailable`` (the in-process broker has no backend to lose)."""
+    await subject.broker.subscribe(CH)
+    assert await asyncio.wait_for(subject.broker.ping(), 2.0) is None
+    pub = await subject.broker.publish(CH, "item.updated", {"i": 0}, FAM)
+    assert await subject.delivered(1) == [pub.seq]
+    if subject.name == "memory":
+        return
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down, _ = await make_redis_broker(url=f"redis://127.0.0.1:{port}", timeout=0.5)
+    with pytest.raises(BrokerUnavailable):
+        await asyncio.wait_for(down.ping(), 2.0)
 
 
 async def test_memory_kv_forgets_keys_when_they_expire_not_only_when_read() -> None:
