@@ -575,6 +575,14 @@ def test_7_nothing_after_close_is_answered(echo_hub: EchoHub) -> None:
     assert out.frames == [] and out.close == 1000 and out.eof
 
 
+def test_7_close_between_fragments_is_a_normal_close(echo_hub: EchoHub) -> None:
+    """7.1.5: fragment 1, close, fragment 2: the close is answered with its own code; the
+    unfinished message and what follows the close are dropped."""
+    data = text(b"frag1", fin=False) + close_frame(1000) + frame(OP_CONT, b"frag2", key=KEY)
+    out = client_close(echo_hub, data)
+    assert out.frames == [] and out.close == 1000 and out.eof
+
+
 def test_7_close_with_reason(echo_hub: EchoHub) -> None:
     out = client_close(echo_hub, close_frame(1000, b"normal closure, see you"))
     assert out.frames == [] and out.close == 1000 and out.eof

@@ -106,7 +106,8 @@ def _cookies(header: str | None) -> dict[str, str]:
 
 
 class _Protocol(ServerProtocol):
-    """websockets' server protocol with the hub's subprotocol rule.
+    """websockets' server protocol with the hub's subprotocol rule, and a close between
+    the fragments of a message answered as a close.
 
     An override rather than the ``select_subprotocol`` argument: that one is stored as a
     method bound to the instance, a reference cycle that keeps every closed connection's
@@ -116,6 +117,15 @@ class _Protocol(ServerProtocol):
         # A client that offers no subprotocol (or others) is served without one, as on
         # the aiohttp path: the contract's subprotocol is advisory for clients.
         return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in subprotocols else None
+
+    def recv_frame(self, frame: Frame) -> None:
+        # RFC 6455 §5.4 lets control frames come between the fragments of a message, a
+        # close included; websockets fails the connection then (1002, "incomplete
+        # fragmented message"). The unfinished message is dropped and the close answered
+        # with its own code, as aiohttp does (Autobahn case 7.1.5).
+        if frame.opcode is Opcode.CLOSE:
+            self.current_size = None
+        super().recv_frame(frame)
 
 
 def _response(status: int, body: bytes, extra: Iterable[tuple[str, str]] = ()) -> Response:
