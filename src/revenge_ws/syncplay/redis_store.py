@@ -9,6 +9,8 @@ The same script keeps a sorted set of room ids scored by their next deadline
 (``Room.due_at``), so every node's timeout sweep asks Redis which rooms are due instead of
 loading every room every second; a room keeps its timeouts when any node goes away.
 Only GET/SET/DEL/EXISTS, S* and Z* commands and EVAL are used (Valkey and Dragonfly have them).
+Every Redis failure is answered ``UNAVAILABLE`` (``RedisErrorPolicy.ROOM_STORE`` in
+:mod:`revenge_ws.redis_errors`).
 
 Keys (``P`` is the broker's prefix): ``P:room:{id}`` (JSON), ``P:rooms`` (set of ids),
 ``P:rooms:due`` (sorted set: id scored by deadline, ms), ``P:invite:{code}`` (room id,
@@ -26,11 +28,11 @@ from typing import Any, TypeVar
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from ..codes import ErrorCode
-from ..exceptions import BrokerUnavailable, RequestError
+from ..exceptions import RequestError
 from ..protocol import now_ms
+from ..redis_errors import RedisErrorPolicy, redis_call
 from .machine import SECURE_IDS, IdSource, Room
 
 __all__ = ["RedisRoomStore"]
@@ -155,10 +157,7 @@ class RedisRoomStore:
         return f"{self.prefix}:rooms:due"
 
     async def _run(self, aw: Awaitable[T]) -> T:
-        try:
-            return await aw
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable(f"redis: {exc}") from None
+        return await redis_call(aw, RedisErrorPolicy.ROOM_STORE)
 
     async def get(self, room_id: str) -> Room | None:
         raw = await self._run(self._redis.get(self._room_key(room_id)))
