@@ -154,6 +154,37 @@ def test_reconnect_rules() -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 42, 2026])
+def test_4004_and_429_waits_are_spread(seed: int) -> None:
+    """1,000 clients closed with 4004 (or refused 429) at the same moment: none comes back
+    before 5 s (or the Retry-After), and no second gets more than 30% of them. Before the
+    fix they all came back within 5.5-6.0 s."""
+    rng = random.Random(seed)
+    policy = ReconnectPolicy()
+    for kw in ({"code": 4004}, {"http_status": 429}, {"http_status": 429, "retry_after": 8.0}):
+        floor = max(5.0, float(kw.get("retry_after", 0.0)))
+        delays = [reconnect_delay(policy, 0, rng, **kw) for _ in range(1000)]
+        assert all(floor <= d <= floor + policy.rate_limit_spread for d in delays)
+        assert max(delays) - min(delays) > 4.5, (min(delays), max(delays))
+        per_second = Counter(int(d) for d in delays)
+        assert max(per_second.values()) <= 300, per_second
+    # Later attempts still back off beyond the spread.
+    late = [reconnect_delay(policy, 8, rng, code=4004) for _ in range(1000)]
+    assert min(late) >= 5.5 and max(late) > 15.0
+
+    # The same draw as the JS client: floor + U(0, spread) at attempt 0.
+    class Half(random.Random):
+        def uniform(self, a: float, b: float) -> float:
+            return a + (b - a) * 0.5
+
+    assert reconnect_delay(policy, 0, Half(), code=4004) == 7.5
+    # No spread asked for: the floor plus nothing at attempt 0.
+    fixed = ReconnectPolicy(rate_limit_spread=0.0)
+    assert reconnect_delay(fixed, 0, rng, code=4004) == 5.0
+    with pytest.raises(ValueError, match="negative"):
+        ReconnectPolicy(rate_limit_spread=-1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 42, 2026])
 def test_advised_window_spreads_the_first_attempt_after_any_reconnect_close(seed: int) -> None:
     """Contract §12: 4002 and 4003 closes that advise a window spread the first attempt
     uniformly over it (without one they back off as before); 4004 waits its floor, then

@@ -14,3 +14,14 @@ def test_token_bucket_refills_and_caps() -> None:
     assert b.take(0.1)
     assert not b.take(0.1)
     assert b.take(100.0) and b.take(100.0) and b.take(100.0) and not b.take(100.0)
+
+
+def test_token_bucket_wait_looks_without_spending() -> None:
+    b = TokenBucket(rate=2.0, burst=2, now=0.0)
+    assert b.wait(0.0) == 0.0
+    assert b.take(0.0) and b.take(0.0)
+    assert b.wait(0.0) == 0.5
+    assert b.wait(0.25) == 0.25
+    assert b.wait(0.25) == 0.25  # looking twice spends nothing
+    assert b.wait(10.0) == 0.0
+    assert b.take(0.5) and not b.take(0.5)

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from revenge_ws.codes import CloseCode
-from revenge_ws.core.session import Close, Dispatch, Replay, Reply
+from revenge_ws.core.session import Close, Dispatch, Replay, Reply, Session, SessionLimits
 
 from .core_fixtures import make_session
 
@@ -98,3 +98,48 @@ def test_session_remembers_a_bounded_number_of_replies() -> None:
         assert isinstance(act, Dispatch)
         s.complete(act.envelope, b"r", 0.0)
     assert len(s._done) <= 1024
+
+
+def test_session_control_frames_spend_the_inbound_budget() -> None:
+    """Pure: a ping or pong frame costs one message of the budget; over it each one is a
+    RATE_LIMITED error (no id), and the strike after the last allowed one closes 4004."""
+    s = Session(
+        "s1",
+        "alice",
+        expires_at=1e9,
+        limits=SessionLimits(inbound_rate=10, inbound_burst=5, rate_limit_strikes=3),
+        now=0.0,
+    )
+    assert [s.control(0.0) for _ in range(5)] == [None] * 5
+    for _ in range(3):
+        verdict = s.control(0.0)
+        assert isinstance(verdict, Reply)
+        err = orjson.loads(verdict.payload)
+        assert err["type"] == "error" and "id" not in err
+        assert err["data"]["code"] == "RATE_LIMITED" and err["data"]["retryable"] is True
+    closed = s.control(0.0)
+    assert isinstance(closed, Close) and closed.code == 4004
+    # Control frames and messages share one budget.
+    s = Session("s2", "bob", 1e9, SessionLimits(inbound_rate=10, inbound_burst=2), 0.0)
+    assert s.control(0.0) is None
+    assert isinstance(s.receive('{"type":"ping"}', 0.0), Dispatch)
+    assert isinstance(s.receive('{"type":"ping"}', 0.0), Reply)
+    assert isinstance(s.control(0.0), Reply)
+    assert s.control(0.1) is None  # refilled: 10/s
+    # And they prove liveness.
+    s.control(50.0)
+    assert s.last_seen == 50.0 and s.check(100.0) is None
+
+
+def test_session_legitimate_pings_are_never_limited() -> None:
+    """Default limits: a ping frame every 2 s for 20 minutes, alongside 90 messages/s and
+    a pong frame every 2 s, is never refused."""
+    s = Session("s1", "alice", 1e9, SessionLimits(), 0.0)
+    t = 0.0
+    for step in range(600):
+        t = step * 2.0
+        assert s.control(t) is None
+        assert s.control(t + 0.5) is None  # a pong
+        for i in range(180):
+            assert isinstance(s.receive('{"type":"x"}', t + 0.01 + i / 90), Dispatch)
+    assert s.strikes == 0

@@ -1,7 +1,11 @@
-"""Hardening, part 2: resource abuse (slowloris, stuck readers, floods, limits at their
-default values). ``test_ws.py`` covers each limit with tiny values; these tests use the
-contract's defaults and the issue's figures (10 MiB, 1,000 messages/s, the 129th channel,
-the 11th connection, a connection storm). Figures: ``docs/reliability.md``.
+"""Resource limits at their default values, and what a client that abuses them gets.
+
+Slowloris handshakes and requests, slow request bodies (``server.body_timeout``), stuck
+readers (4002), message and ping-frame floods (4004), the 129th channel, the 11th
+connection, connection storms against the accept rate (refused before any token is
+verified), churn that must leave no state behind. ``test_ws.py`` covers each limit with
+tiny values; these tests use the contract's defaults and figures (10 MiB, 1,000
+messages/s). Real sockets on 127.0.0.1; figures: ``docs/reliability.md``.
 """
 
 from __future__ import annotations
@@ -9,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import re
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
@@ -20,8 +26,8 @@ import pytest
 from revenge_ws import app as app_module
 from revenge_ws.codes import CloseCode
 
-from .helpers import WS, Hub, masked_text_frame, raw_upgrade, wait_for
-from .test_hardening_input import OP_PING, frame, open_raw
+from .helpers import API_KEY, WS, Hub, masked_text_frame, raw_upgrade, wait_for
+from .test_hostile_input import OP_PING, frame, open_raw
 from .test_ws import UPGRADE
 
 
@@ -288,7 +294,7 @@ async def test_ping_frame_flood(hub_with: Any) -> None:
     without reading is closed with 4004 once its burst and its 50 strikes are spent (before
     the fix, control frames were not counted: it pushed ~31,000 pings until TCP
     backpressure stopped it and was closed only by the heartbeat timeout, 4003). A reading
-    flooder: ``test_hardening_residual.py::test_a_ping_frame_flood_ends_in_4004``."""
+    flooder: ``test_a_ping_frame_flood_ends_in_4004``."""
     env = {"REVENGE_HEARTBEAT_INTERVAL": "5", "REVENGE_HEARTBEAT_TIMEOUT": "30"}
     async with hub_with(env) as hub:
         sock, _ = await asyncio.to_thread(open_raw, hub, "flooder", 4096)
@@ -423,3 +429,305 @@ async def test_presence_forgets_a_pipelined_unsubscribe_or_close(hub: Hub) -> No
         assert body["members"] == [], (channel, body)
     presence = hub.node.broker.presence
     assert not presence._channels.get("library:p") and not presence._channels.get("library:q")
+
+
+# -- slow request bodies --------------------------------------------------------------------
+def _post_partial(
+    port: int, method: str, path: str, auth: str, body: bytes, sent: int, trickle: float = 0.0
+) -> tuple[bytes, float, int]:
+    """Send the headers and ``sent`` bytes of ``body``, then stall (or, with ``trickle``,
+    send one more byte every ``trickle`` seconds). Returns everything the server sent
+    until it closed, the seconds from the last header byte to the close, and how many
+    body bytes went out."""
+    sock = socket.create_connection(("127.0.0.1", port), 5)
+    try:
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {auth}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        sock.sendall(head + body[:sent])
+        started = time.monotonic()
+        got = b""
+        sock.settimeout(trickle or 15.0)
+        deadline = started + 15.0
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                if sent < len(body) - 1:
+                    try:
+                        sock.sendall(body[sent : sent + 1])
+                        sent += 1
+                    except OSError:
+                        pass
+                continue
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            got += chunk
+        else:
+            raise AssertionError(f"still open after 15 s; got {got[:200]!r}")
+        return got, time.monotonic() - started, sent
+    finally:
+        sock.close()
+
+
+def _parse(raw: bytes) -> tuple[int, dict[str, str], Any]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+    return status, headers, orjson.loads(body)
+
+
+async def test_a_stalled_or_trickled_body_is_cut_at_the_body_timeout(hub_with: Any) -> None:
+    """An authenticated caller (API key, user JWT) that sends part of its body and stalls,
+    or trickles it one byte at a time, gets 408 INVALID_MESSAGE once
+    ``server.body_timeout`` has passed (1 s here), and the hub closes the connection. Before
+    the fix the request stayed open for as long as the caller kept it (no body deadline in
+    aiohttp). Each reader of a body is covered: the backend API (``json_body``), a user
+    endpoint, and the SyncPlay REST reader of its own."""
+    async with hub_with({"REVENGE_SERVER_BODY_TIMEOUT": "1"}) as hub:
+        user = hub.token("alice")
+        publish = orjson.dumps({"channel": "library:slow", "type": "x.y", "data": {"p": "z" * 500}})
+        cases = [
+            ("POST", "/api/v1/realtime/publish", API_KEY, publish, 0.0),
+            ("POST", "/api/v1/realtime/publish", API_KEY, publish, 0.2),
+            ("PUT", "/api/v1/notifications/preferences", user, b'{"preferences": {}}', 0.0),
+            ("POST", "/api/v1/syncplay/rooms", user, b'{"name": "slow room"}', 0.0),
+        ]
+        watcher = await hub.connect("bob")
+        await watcher.request("subscribe", {"channels": ["library:slow"]})
+        results = await asyncio.gather(
+            *(
+                asyncio.to_thread(_post_partial, hub.port, m, p, a, b, len(b) // 2, t)
+                for m, p, a, b, t in cases
+            )
+        )
+        for (method, path, _, body, trickle), (raw, elapsed, sent) in zip(
+            cases, results, strict=True
+        ):
+            status, headers, answer = _parse(raw)
+            assert status == 408, (path, raw[:300])
+            assert answer["error"]["code"] == "INVALID_MESSAGE", answer
+            assert "did not arrive within 1 s" in answer["error"]["message"]
+            assert headers["connection"] == "close"
+            assert sent < len(body)  # the body never completed
+            # The contract bound: never cut before the deadline it names.
+            assert elapsed >= 1.0, elapsed
+            print(
+                f"\n{method} {path} (trickle {trickle}s): 408 and closed after {elapsed:.2f}s, "
+                f"{sent}/{len(body)} body bytes"
+            )
+        # Nothing was half-done, and the hub kept serving meanwhile.
+        status, _ = await hub.request("GET", "/api/v1/realtime/info")
+        assert status == 200
+        assert (await watcher.request("ping", {"t0": 0}))["type"] == "pong"
+        with pytest.raises(TimeoutError):
+            await watcher.recv(timeout=0.3)
+        s = await hub.session()
+        async with s.post(
+            f"{hub.url}/api/v1/realtime/publish",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            data=publish,
+        ) as r:
+            assert r.status == 200
+
+
+def _answer_to_a_stalled_body(port: int, method: str, path: str, auth: str) -> tuple[int, float]:
+    """Send the headers and half a JSON body, then stall; return the status of the first
+    answer (0 if none came within 8 s) and the seconds it took after the last byte sent."""
+    body = b'{"pad": "' + b"z" * 200 + b'"}'
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {auth}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port), 5) as sock:
+        sock.sendall(head + body[: len(body) // 2])
+        started = time.monotonic()
+        sock.settimeout(8.0)
+        got = b""
+        try:
+            while b"\r\n" not in got:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+        except TimeoutError:
+            return 0, time.monotonic() - started
+        return (int(got.split()[1]) if got else 0), time.monotonic() - started
+
+
+async def test_no_route_holds_a_stalled_body_past_the_body_timeout(hub_with: Any) -> None:
+    """Every route of the HTTP API that takes a body, called with the backend key and with
+    a user token, answers a body that stalls halfway: 408 once ``server.body_timeout``
+    (1 s here) has passed when it reads the body, or an answer that needs no body (a
+    refusal, or ``read-all``) at once; never a 5xx and never silence. A handler that read the body without the deadline
+    (``server.http.read_body``) would keep the request open for as long as the caller."""
+    async with hub_with({"REVENGE_SERVER_BODY_TIMEOUT": "1"}) as hub:
+        routes = sorted(
+            {
+                (r.method, re.sub(r"\{[^}]+\}", "x", r.resource.canonical))
+                for r in hub.app.router.routes()
+                if r.method in ("POST", "PUT", "PATCH", "DELETE") and r.resource is not None
+            }
+        )
+        assert len(routes) >= 15, routes
+        cases = [(m, p, auth) for m, p in routes for auth in (API_KEY, hub.token("alice"))]
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(len(cases)) as pool:
+            answers = await asyncio.gather(
+                *(
+                    loop.run_in_executor(pool, _answer_to_a_stalled_body, hub.port, m, p, a)
+                    for m, p, a in cases
+                )
+            )
+        cut = set()
+        for (method, path, _), (status, elapsed) in zip(cases, answers, strict=True):
+            assert 200 <= status < 500, (method, path, status, elapsed)
+            if status == 408:
+                assert elapsed >= 1.0, (method, path, elapsed)
+                cut.add((method, path))
+        # Most routes read a body from an authenticated caller; each of those was cut.
+        assert len(cut) >= len(routes) // 2, sorted(set(routes) - cut)
+
+
+async def test_an_unauthenticated_slow_body_is_refused_before_it_is_read(hub_with: Any) -> None:
+    """Auth comes before the body: a caller without a valid key gets 401 while its body is
+    still incomplete (no body deadline needed for it)."""
+    async with hub_with({"REVENGE_SERVER_BODY_TIMEOUT": "30"}) as hub:
+
+        def attempt() -> bytes:
+            with socket.create_connection(("127.0.0.1", hub.port), 5) as sock:
+                sock.sendall(
+                    b"POST /api/v1/realtime/publish HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Authorization: Bearer nope\r\nContent-Length: 100\r\n\r\n{"
+                )
+                got = b""
+                while b'"}}' not in got:
+                    chunk = sock.recv(4096)
+                    assert chunk, got
+                    got += chunk
+                return got
+
+        raw = await asyncio.to_thread(attempt)
+        assert raw.startswith(b"HTTP/1.1 401"), raw[:200]
+
+
+# -- WebSocket ping and pong frames spend the inbound budget --------------------------------
+def _flood(hub: Hub, count: int) -> tuple[int, int, int, int | None]:
+    """``count`` ping frames in one write from a reading raw client; returns (pongs,
+    RATE_LIMITED errors, other frames, close code)."""
+    sock, reader = open_raw(hub, "flooder")
+    try:
+        sock.sendall(frame(OP_PING, b"x") * count)
+        pongs = limited = other = 0
+        while True:
+            got = reader.next(timeout=10)
+            if got is None:
+                return pongs, limited, other, None
+            op, payload = got
+            if op == 0xA:
+                pongs += 1
+            elif op == 0x1 and orjson.loads(payload)["data"].get("code") == "RATE_LIMITED":
+                limited += 1
+            elif op == 0x8:
+                return pongs, limited, other, int.from_bytes(payload[:2], "big")
+            else:
+                other += 1
+    finally:
+        sock.close()
+
+
+async def test_a_ping_frame_flood_ends_in_4004(hub: Hub) -> None:
+    """Default limits (100/s, burst 200, 50 strikes): 2,000 ping frames in one write get
+    the burst answered with pongs, then exactly 50 RATE_LIMITED errors, then close 4004,
+    like a message flood. Before the fix all 2,000 were answered and the connection
+    stayed open. A neighbour pinging every so often is unaffected."""
+    neighbour = await hub.connect("bob")
+    pongs, limited, other, code = await asyncio.to_thread(_flood, hub, 2000)
+    assert code == 4004
+    assert limited == 50 and other == 0
+    assert 200 <= pongs < 2000 - 50
+    for _ in range(3):
+        await neighbour.ws.ping(b"hi")
+        assert (await neighbour.request("ping", {"t0": 0}))["type"] == "pong"
+    assert not neighbour.ws.closed
+    print(f"\nping-frame flood: 2000 sent, {pongs} pongs, {limited} RATE_LIMITED, close {code}")
+
+
+# -- the accept bucket before the token ----------------------------------------------------
+async def test_a_handshake_storm_over_the_accept_rate_verifies_no_token(hub_with: Any) -> None:
+    """With the accept bucket empty, a storm of handshakes is refused 503 UNAVAILABLE with
+    Retry-After without a single token verification, bad tokens included (before: each one
+    was verified first, and the bad ones got 401). While the bucket has tokens, a bad token
+    is still 401 and spends nothing."""
+    # 0.01/s refills one token per 100 s: nothing refills during the test.
+    env = {"REVENGE_SERVER_ACCEPT_RATE": "0.01", "REVENGE_SERVER_ACCEPT_BURST": "3"}
+    async with hub_with(env) as hub:
+        node = hub.node
+        verified: list[str | None] = []
+        authenticate = node.authenticate
+
+        def counting(token: str | None) -> Any:
+            verified.append(token)
+            return authenticate(token)
+
+        node.authenticate = counting
+        s = await hub.session()
+
+        async def attempt(token: str) -> tuple[int, Any, str | None]:
+            async with s.get(f"{hub.ws_url}?token={token}", headers=UPGRADE) as r:
+                body = await r.json() if r.status != 101 else None
+                return r.status, body, r.headers.get("Retry-After")
+
+        status, body, _ = await attempt("not-a-jwt")
+        assert (status, body["error"]["code"]) == (401, "UNAUTHORIZED")
+        assert len(verified) == 1
+        kept = [await hub.connect(f"early{i}") for i in range(3)]  # the whole burst
+        assert len(verified) == 4
+
+        good = [hub.token(f"storm{i}") for i in range(100)]
+        forged = [t[:-4] + "AAAA" for t in good[:50]] + ["garbage"] * 25
+        expired = [hub.token(f"old{i}", ttl=-3600) for i in range(25)]
+        storm = [t for pair in zip(good, forged + expired, strict=True) for t in pair]
+        results = await asyncio.wait_for(asyncio.gather(*(attempt(t) for t in storm)), 60)
+        assert {status for status, _, _ in results} == {503}
+        assert {body["error"]["code"] for _, body, _ in results} == {"UNAVAILABLE"}
+        assert all(ra is not None and int(ra) >= 1 for _, _, ra in results)
+        assert len(verified) == 4, "a token was verified during the storm"
+        metrics = await (await s.get(f"{hub.url}/metrics")).text()
+        refused = dict(
+            re.findall(r'revenge_handshakes_refused_total\{code="(\w+)"\} ([\d.]+)', metrics)
+        )
+        assert float(refused["UNAVAILABLE"]) == 200 and float(refused["UNAUTHORIZED"]) == 1
+        for ws in kept:
+            assert (await ws.request("ping", {"t0": 0}))["type"] == "pong"
+        print(f"\nstorm of 200 (100 bad tokens) over the bucket: 200 x 503, {len(verified)} checks")
+
+
+async def test_a_full_node_refuses_before_verifying(hub_with: Any) -> None:
+    async with hub_with({"REVENGE_SERVER_MAX_CONNECTIONS": "1"}) as hub:
+        calls = 0
+        authenticate = hub.node.authenticate
+
+        def counting(token: str | None) -> Any:
+            nonlocal calls
+            calls += 1
+            return authenticate(token)
+
+        hub.node.authenticate = counting
+        first = await hub.connect("alice")
+        s = await hub.session()
+        async with s.get(f"{hub.ws_url}?token=garbage", headers=UPGRADE) as r:
+            assert r.status == 503 and int(r.headers["Retry-After"]) >= 1
+            assert (await r.json())["error"]["message"] == "this node is full"
+        assert calls == 1
+        await first.close()
+        deadline = time.monotonic() + 5
+        while len(hub.node.hub) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        async with s.get(f"{hub.ws_url}?token=garbage", headers=UPGRADE) as r:
+            assert r.status == 401
+        assert calls == 2

@@ -1,4 +1,4 @@
-"""Hardening, part 3: faults. SIGTERM and SIGKILL of a hub process under traffic (SQLite
+"""Faults: SIGTERM and SIGKILL of a hub process under traffic (SQLite
 file), SIGKILL of one of two nodes (Redis + PostgreSQL), a PostgreSQL outage and a Redis
 outage (TCP proxies cut and restored), revocation across two nodes.
 

@@ -1,4 +1,4 @@
-"""Hardening, part 1: hostile input (issue "Hardening: bad input, faults and attackers").
+"""Hostile input: what an attacker can send, and the clean refusal it gets.
 
 Covers what ``test_protocol.py`` / ``test_ws.py`` do not: the decoder under mutation and
 hostile numbers, every request handler under a bounded fuzzer (never ``INTERNAL``), a flood
