@@ -4,7 +4,9 @@ survivor. Plain byte relay with flow control (like a TCP-mode HAProxy): when one
 closes or resets, the other side is closed after its pending bytes are written.
 
 ``python -m bench.balancer --port P --backends 127.0.0.1:A,127.0.0.1:B [--core N]``
-serves until SIGTERM/SIGINT.
+serves until SIGTERM/SIGINT. Several such processes may share the port (SO_REUSEPORT:
+the kernel spreads the connections): a process holds two sockets per client, and the
+open-files limit of one process may not cover two per client for every client.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ async def serve(port: int, backends: list[tuple[str, int]]) -> None:
     loop = asyncio.get_running_loop()
     balancer = Balancer(backends)
     server = await loop.create_server(
-        lambda: _Client(balancer), HOST, port, backlog=4096, reuse_address=True
+        lambda: _Client(balancer), HOST, port, backlog=4096, reuse_address=True, reuse_port=True
     )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -840,15 +840,16 @@ def storm_section(storm: dict[str, Any], png_name: str | None) -> list[str]:
     """The storm section of docs/benchmarks.md (also spliced alone by a storm-only run)."""
     sc: dict[str, Any] = storm.get("scenarios") or {}
     names = sorted(sc)
-    n = storm.get("clients", 0)
+    sizes = sorted({r.get("clients", 0) for r in sc.values()}) or [storm.get("clients", 0)]
     L: list[str] = []
     a = L.append
-    a(f"{STORM_HEADING}: {n:,} users come back")
+    a(f"{STORM_HEADING}: {' / '.join(f'{x:,}' for x in sizes)} users come back")
     a("")
     a(
         f"Issue #14, item 4 (`bench/storm.py`, `bench/storm_clients.py`, `bench/balancer.py`). "
-        f"{n:,} users, one connection each, in {storm.get('client_processes')} client "
-        "processes on the load core, hub nodes (and Redis) on the other core. Each user has "
+        "N users (per scenario, below), one connection each, in several client processes "
+        "on the load core (the `client processes` row), hub nodes (and Redis) on the other "
+        "core. Each user has "
         "its automatic channels (`notifications:{uid}`, `user:{uid}`) and subscribes to "
         f"`activity`, `library:l1` and `library:l2`; every {storm.get('notify_every')}th "
         f"user got {storm.get('notes')} notifications before the storm and never "
@@ -868,13 +869,18 @@ def storm_section(storm: dict[str, Any], png_name: str | None) -> list[str]:
         "SQLite file store (shared by the nodes, kept across the restart)."
     )
     a("")
+    runs: dict[str, list[str]] = {}
+    for k in names:
+        cmd = sc[k].get("command") or storm.get("command") or "python -m bench --phases storm"
+        runs.setdefault(cmd, []).append(k)
     a("```sh")
-    a(storm.get("command") or "python -m bench --phases storm")
+    for cmd, ks in runs.items():
+        a(f"{cmd}  # ({', '.join(ks)})" if len(runs) > 1 else cmd)
     a("```")
     a("")
     a(
-        f"Hub commit `{storm.get('commit')}` ({storm.get('hub_src')}), started "
-        f"{storm.get('started')}. Goals: every user back ≤ {storm.get('goal_s'):g} s after "
+        "Each scenario's run (hub commit, source, start, load average) is in the table. "
+        "Goals: every user back ≤ {storm.get('goal_s'):g} s after "
         f"the node listens (moonshot ≤ {storm.get('moonshot_s'):g} s), 0 give-ups, 0 gaps, "
         "presence publications during the storm ≤ storm seconds / "
         f"{storm.get('presence_window_s'):g} s + 2."
@@ -915,7 +921,14 @@ def storm_section(storm: dict[str, Any], png_name: str | None) -> list[str]:
 
     rows = [
         row("scenario", lambda r: r["title"]),
-        row("users that had to come back", lambda r: f"{r['movers']:,} of {r['clients']:,}"),
+        row(
+            "run: hub commit (source), start",
+            lambda r: f"`{r.get('commit')}` ({r.get('hub_src')}), {r.get('started')}",
+        ),
+        row(
+            "users that had to come back (of N, in client processes)",
+            lambda r: f"{r['movers']:,} of {r['clients']:,} ({r['client_processes']})",
+        ),
         row("back", lambda r: f"{r['back']:,}"),
         row(
             "**last ack** after t0 (goal 15 s / moonshot 10 s)",

@@ -760,9 +760,10 @@ async def run_bench(args: argparse.Namespace, preset: Preset, progress: Progress
                 profile=args.profile,
             )
             storm = await run_storm(bench, settings)
-            storm["command"] = results["meta"]["command"]
-            storm["commit"] = results["meta"]["commit"]
-            storm["hub_src"] = results["meta"]["hub_src"]
+            for res in [storm, *storm["scenarios"].values()]:
+                res["command"] = results["meta"]["command"]
+                res["commit"] = results["meta"]["commit"]
+                res["hub_src"] = results["meta"]["hub_src"]
             results["storm"] = storm
             results["errors"].extend(storm["errors"])
     finally:
@@ -945,23 +946,32 @@ def _run(args: argparse.Namespace, preset: Preset, progress: Progress) -> int:
 def _write_storm_only(
     args: argparse.Namespace, results: dict[str, Any], progress: Progress
 ) -> None:
-    """A storm-only run replaces the storm of the results JSON and the storm section of
-    the Markdown file, keeping the rest (the other phases' numbers of an earlier run)."""
+    """A storm-only run replaces the storm of the results JSON (keeping the scenarios it
+    did not run) and the storm section of the Markdown file, keeping the rest (the other
+    phases' numbers of an earlier run)."""
     from bench.report import write_storm_section
 
     out_json = Path(args.out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     merged = results
+    storm = results["storm"]
     if out_json.exists():
-        with contextlib.suppress(ValueError, OSError):
+        with contextlib.suppress(ValueError, OSError, KeyError, TypeError):
             merged = orjson.loads(out_json.read_bytes())
-            merged["storm"] = results["storm"]
+            # Scenarios not run this time stay, with their own command, commit and date.
+            kept = {
+                k: v
+                for k, v in ((merged.get("storm") or {}).get("scenarios") or {}).items()
+                if k not in storm["scenarios"] and "command" in v
+            }
+            storm["scenarios"] = dict(sorted({**kept, **storm["scenarios"]}.items()))
+            merged["storm"] = storm
             merged["errors"] = [
                 e for e in merged.get("errors", []) if not e.startswith("storm")
             ] + [e for e in results["errors"] if e.startswith("storm")]
     out_json.write_bytes(orjson.dumps(merged, option=orjson.OPT_INDENT_2) + b"\n")
     png = None if args.no_plot or not _have("matplotlib") else Path(args.out_storm_png)
-    write_storm_section(results["storm"], Path(args.out_md), png)
+    write_storm_section(storm, Path(args.out_md), png)
     progress.say(
         f"wrote the storm of {args.out_md}" + (f", {png}" if png else "") + f", {out_json}"
     )

@@ -189,20 +189,31 @@ async def wait_listening(server: Server, timeout: float = 30.0) -> float:
     raise StormError(f"the hub did not listen on port {server.port} within {timeout:g} s")
 
 
-def spawn_balancer(bench: Bench, port: int, backends: list[int]) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [python(), "-m", "bench.balancer", "--port", str(port), "--core",
-         str(min(bench.load_cores)), "--backends", ",".join(f"{HOST}:{p}" for p in backends)],
-        cwd=ROOT,
-        env=python_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    bench.cleanup.others.append(proc)
-    if not wait_port(port, 15, lambda: proc.poll() is None):
-        raise StormError("the balancer did not start")
-    return proc
+def spawn_balancers(
+    bench: Bench, port: int, backends: list[int], clients: int
+) -> list[subprocess.Popen[bytes]]:
+    """Balancer processes sharing ``port`` (SO_REUSEPORT): at least two, and enough that
+    each holds at most ~12,000 sockets (two per client) under the open-files limit."""
+    count = max(2, -(-2 * clients // 12_000))
+    procs = []
+    for _ in range(count):
+        proc = subprocess.Popen(
+            [python(), "-m", "bench.balancer", "--port", str(port), "--core",
+             str(min(bench.load_cores)), "--backends", ",".join(f"{HOST}:{p}" for p in backends)],
+            cwd=ROOT,
+            env=python_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        bench.cleanup.others.append(proc)
+        procs.append(proc)
+        if not wait_port(port, 15, lambda p=proc: p.poll() is None):  # type: ignore[misc]
+            raise StormError("the balancer did not start")
+    time.sleep(0.3)  # the later ones bind their sockets too
+    if any(p.poll() is not None for p in procs):
+        raise StormError("a balancer process exited")
+    return procs
 
 
 def cpu_s(pid: int | None) -> float:
@@ -500,7 +511,7 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
     tmp = tempfile.mkdtemp(prefix="bench-storm-")
     procs: list[LoadProc] = []
     redis: RedisServer | None = None
-    balancer: subprocess.Popen[bytes] | None = None
+    balancers: list[subprocess.Popen[bytes]] = []
     pub: Publisher | None = None
     obs: Observer | None = None
     spy: dict[str, Any] = {}
@@ -511,6 +522,7 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
         "clients": n,
         "client_processes": len(_split(n, s.procs)),
         "broker": "redis" if redis_broker else "memory",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "loadavg_start": loadavg(),
     }
     bench.loadavg_samples.append(loadavg())
@@ -528,7 +540,7 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
             live = spawn_hub(bench, pb, {**env, "REVENGE_NODE_ID": "storm-2"})
             await wait_listening(gone)
             await wait_listening(live)
-            balancer = spawn_balancer(bench, plb, [pa, pb])
+            balancers = await asyncio.to_thread(spawn_balancers, bench, plb, [pa, pb], n)
             client_port = plb
         else:
             port = free_port()
@@ -609,7 +621,7 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
             res["t0"] = "the new node listening"
         r0 = cpu_s(redis.proc.pid if redis else None)
         q0 = redis.commands() if redis else 0
-        b0 = cpu_s(balancer.pid if balancer else None)
+        b0 = sum(cpu_s(p.pid) for p in balancers)
         l0 = sum(cpu_s(lp.pid) for lp in procs)
         k0 = core_busy([bench.server_core])
         w0 = time.time()
@@ -620,7 +632,7 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
         c1 = cpu_s(live.pid)
         r1 = cpu_s(redis.proc.pid if redis else None)
         q1 = redis.commands() if redis else 0
-        b1 = cpu_s(balancer.pid if balancer else None)
+        b1 = sum(cpu_s(p.pid) for p in balancers)
         l1 = sum(cpu_s(lp.pid) for lp in procs)
         k1 = core_busy([bench.server_core])
         wall = max(1e-3, time.time() - w0)
@@ -656,7 +668,8 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
                 "redis_commands_per_reconnect": round((q1 - q0) / max(1, len(acks)), 1)
                 if redis
                 else None,
-                "balancer_cpu_s": round(b1 - b0, 2) if balancer else None,
+                "balancer_cpu_s": round(b1 - b0, 2) if balancers else None,
+                "balancer_processes": len(balancers),
                 "clients_cpu_s": round(l1 - l0, 2),
                 "window_s": round(wall, 2),
                 # The servers' core: time spent by other processes than the hub and Redis
@@ -682,12 +695,13 @@ async def run_scenario(bench: Bench, name: str, s: StormSettings) -> dict[str, A
         await bench.kill_loads(procs)
         for server in list(bench.cleanup.servers):
             await bench.stop_server(server)
-        if balancer is not None and balancer.poll() is None:
-            balancer.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                balancer.wait(5)
-            if balancer.poll() is None:
-                balancer.kill()
+        for proc in balancers:
+            if proc.poll() is None:
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(5)
+                if proc.poll() is None:
+                    proc.kill()
         if redis is not None:
             await asyncio.to_thread(redis.stop)
         shutil.rmtree(tmp, ignore_errors=True)
