@@ -349,8 +349,8 @@ async def test_connection_churn_leaves_no_state_behind(hub_with: Any) -> None:
         assert await wait_for(lambda: len(node.hub) == 0, 10)
         assert await wait_for(lambda: len(node._tasks) <= tasks_before, 10)
         assert node.hub.by_user == {} and node.hub.channels == {}
-        assert node._admitted == set() and node._admit_counts == {}
-        assert node._recovering == set()
+        assert node.admission.admitted == set() and node.admission.counts == {}
+        assert node.subscriptions.recovering == set()
         presence = node.broker.presence
         assert await wait_for(
             lambda: not any(presence._channels.values()) and not any(presence._users.values())
@@ -563,8 +563,9 @@ async def test_no_route_holds_a_stalled_body_past_the_body_timeout(hub_with: Any
     """Every route of the HTTP API that takes a body, called with the backend key and with
     a user token, answers a body that stalls halfway: 408 once ``server.body_timeout``
     (1 s here) has passed when it reads the body, or an answer that needs no body (a
-    refusal, or ``read-all``) at once; never a 5xx and never silence. A handler that read the body without the deadline
-    (``server.http.read_body``) would keep the request open for as long as the caller."""
+    refusal, or ``read-all``) at once; never a 5xx and never silence. A handler that read
+    the body without the deadline (``server.http.read_body``) would keep the request open
+    for as long as the caller."""
     async with hub_with({"REVENGE_SERVER_BODY_TIMEOUT": "1"}) as hub:
         routes = sorted(
             {

@@ -162,7 +162,9 @@ async def test_the_handshake_bound_answers_503_before_the_token(hub_with: HubWit
             asyncio.create_task(session.ws_connect(f"{hub.ws_url}?token={hub.token(u)}"))
             for u in ("held1", "held2")
         ]
-        await until(lambda: node.handshakes.pending == 2, what="two handshakes in progress")
+        await until(
+            lambda: node.admission.handshakes.pending == 2, what="two handshakes in progress"
+        )
         async with session.get(f"{hub.url}/api/v1/ws?token=forged") as r:
             body = await r.json()
             assert r.status == 503
@@ -170,12 +172,12 @@ async def test_the_handshake_bound_answers_503_before_the_token(hub_with: HubWit
             assert float(r.headers["Reconnect-Window"]) >= 5
         assert body["error"]["code"] == "UNAVAILABLE"
         assert body["error"]["retry_after"] == 1 and body["error"]["window"] >= 5
-        assert node.handshakes.refused == 1
+        assert node.admission.handshakes.refused == 1
         gate.set()
         for ws in await asyncio.gather(*pending):
             assert (await ws.receive_json(timeout=5))["type"] == "welcome"
             await ws.close()
-        assert node.handshakes.pending == 0
+        assert node.admission.handshakes.pending == 0
         ws = await hub.connect("after")
         await ws.close()
 
@@ -210,7 +212,7 @@ async def test_nothing_is_done_for_a_client_that_left(hub_with: HubWith, engine:
         writer.close()  # the client gives up while its handshake is in progress
         await asyncio.sleep(0.2)
         gate.set()
-        await until(lambda: node.handshakes.pending == 0, what="the handshake given up")
+        await until(lambda: node.admission.handshakes.pending == 0, what="the handshake given up")
         assert await node.broker.presence.connection_count("quitter") == 0
         assert opened == [] and len(node.hub) == 0
         assert await reader.read() == b""

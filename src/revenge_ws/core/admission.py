@@ -1,14 +1,32 @@
-"""Bounds on the handshakes a node works on (contract v1.1 §12).
+"""Admission: who may open a connection on this node, decided before the upgrade.
 
-Pure bookkeeping, no clock and no I/O: the transport adapters call
+:class:`HandshakeGate` bounds the handshakes in progress (contract v1.1 §12): pure
+bookkeeping, no clock and no I/O; the transport adapters call
 :meth:`HandshakeGate.enter` when a handshake request has arrived, before anything about
 it is looked at (not even its token), and :meth:`HandshakeGate.leave` once the
-connection is open or refused.
+connection is open or refused. :class:`Admission` holds the node-wide limits (accept
+rate, connections per node) and the cluster-wide ones (revocation, connections per user),
+and the spread window the node advises to clients it turns away or asks to come back.
 """
 
 from __future__ import annotations
 
-__all__ = ["HandshakeGate"]
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+from ..auth import Claims
+from ..codes import ErrorCode
+from ..exceptions import AuthError, BrokerUnavailable
+from .ratelimit import TokenBucket
+
+if TYPE_CHECKING:
+    from .node import Node
+
+__all__ = ["MAX_WINDOW", "Admission", "HandshakeGate"]
+
+#: The longest spread window a node advises (s).
+MAX_WINDOW = 300.0
 
 
 class HandshakeGate:
@@ -42,3 +60,84 @@ class HandshakeGate:
         """Give back a place taken by :meth:`enter`."""
         if self.pending > 0:
             self.pending -= 1
+
+
+class Admission:
+    """The node's admission state: the accept bucket, the handshake gate, and the
+    connections admitted but not yet opened (their cluster-wide count is held)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        server = node.settings.server
+        self.accept = TokenBucket(server.accept_rate, server.accept_burst, time.monotonic())
+        self.handshakes = HandshakeGate(server.max_pending_handshakes)
+        #: Admitted, not opened yet: their connection count is released if they never open.
+        self.admitted: set[str] = set()
+        #: The user's cluster-wide connection count each admitted connection saw.
+        self.counts: dict[str, int] = {}
+
+    async def admit(self, claims: Claims, session_id: str) -> None:
+        """Decide whether this user may open one more connection, before the upgrade.
+
+        On success the connection is counted (cluster-wide); :meth:`Node.closed` or
+        :meth:`release` uncounts it. Raises :class:`AuthError` with ``UNAVAILABLE``
+        (503), ``RATE_LIMITED`` (429) or ``UNAUTHORIZED`` (401).
+        """
+        node = self.node
+        if node.closing:
+            raise AuthError("shutting down", ErrorCode.UNAVAILABLE)
+        if not self.accept.take(time.monotonic()):
+            raise AuthError("too many handshakes, retry later", ErrorCode.UNAVAILABLE)
+        if len(node.hub) >= node.settings.server.max_connections:
+            raise AuthError("this node is full", ErrorCode.UNAVAILABLE)
+        try:
+            revoked = await node.call(node.broker.get_value(f"revoked:{claims.sub}"))
+            if revoked is not None and (claims.iat is None or claims.iat * 1000 <= float(revoked)):
+                raise AuthError("token revoked")
+            count = await node.call(node.broker.presence.add_connection(claims.sub, session_id))
+        except BrokerUnavailable:
+            raise AuthError("broker unavailable", ErrorCode.UNAVAILABLE) from None
+        limit = node.settings.limits.connections_per_user
+        if count > limit:
+            await self.release(claims, session_id)
+            raise AuthError(f"more than {limit} connections for this user", ErrorCode.RATE_LIMITED)
+        self.admitted.add(session_id)
+        self.counts[session_id] = count
+
+    async def release_if_unopened(self, claims: Claims, session_id: str) -> None:
+        """Uncount an admitted connection whose upgrade never completed."""
+        self.counts.pop(session_id, None)
+        if session_id in self.admitted:
+            self.admitted.discard(session_id)
+            await self.release(claims, session_id)
+
+    def wait(self) -> float:
+        """Seconds until this node could admit one more connection (0: it can now),
+        without spending from the accept bucket: the adapter asks this before it
+        spends CPU on a token. :meth:`admit` still decides."""
+        if len(self.node.hub) >= self.node.settings.server.max_connections:
+            return self.retry_after()
+        return self.accept.wait(time.monotonic())
+
+    def retry_after(self) -> float:
+        return max(1.0, self.accept.retry_after())
+
+    def spread_window(self) -> float:
+        """Seconds over which clients told to come back (a close in
+        :data:`~revenge_ws.core.node.COME_BACK`, a 503) should spread their reconnects:
+        ``server.restart_window``, or longer when this node's connections could not all
+        be admitted within it at ``server.accept_rate`` (10,000 at 1,000/s: 10 s)."""
+        server = self.node.settings.server
+        return min(MAX_WINDOW, max(server.restart_window, len(self.node.hub) / server.accept_rate))
+
+    async def release(self, claims: Claims, session_id: str) -> int:
+        """Uncount a connection; how many the user still has (-1: the broker failed)."""
+        presence = self.node.broker.presence
+        with contextlib.suppress(BrokerUnavailable):
+            return await self.node.call(presence.remove_connection(claims.sub, session_id))
+        return -1
+
+    def opened(self, session_id: str) -> bool:
+        """The connection is open: True when it is its user's first cluster-wide."""
+        self.admitted.discard(session_id)
+        return self.counts.pop(session_id, 0) == 1

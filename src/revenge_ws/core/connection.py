@@ -129,9 +129,6 @@ class Connection:
     node_id: str = ""
     opened_at: float = field(default_factory=time.monotonic)
     subs: dict[str, SubState] = field(default_factory=dict)
-    #: Channels the client did not ask for (kept across unsubscribe of user channels).
-    automatic: set[str] = field(default_factory=set)
-    room_id: str | None = None
     closed: bool = False
     close_code: int | None = None
     close_reason: str = ""

@@ -23,7 +23,7 @@ from ..codes import ErrorCode
 from ..config import SyncplaySettings
 from ..core.channels import Family
 from ..core.connection import Connection
-from ..core.node import Node, Request
+from ..core.node import Endpoint, Node, Request
 from ..exceptions import BrokerUnavailable, ProtocolError, RequestError
 from ..protocol import encode_message, now_ms
 from ..server.http import json_response, read_body, user_auth
@@ -79,6 +79,8 @@ class SyncPlay:
         self.store = store
         self.settings = settings
         self.ids: machine.IdSource = getattr(store, "ids", machine.SECURE_IDS)
+        #: The room of each of this node's connections that is in one, by session id.
+        self.rooms: dict[str, str] = {}
 
     # -- the one path every request takes -------------------------------------------------
     async def run(
@@ -89,7 +91,7 @@ class SyncPlay:
         if name == "list":
             rooms = await self.store.list_all()
             return machine.list_rooms(rooms, actor)
-        previous = conn.room_id if conn is not None else None
+        previous = self.rooms.get(conn.session_id) if conn is not None else None
         if name == "create":
             outcome = machine.handle(
                 None, name, data, actor, now, settings=self.settings, ids=self.ids
@@ -186,8 +188,20 @@ class SyncPlay:
         room = await self.store.get(room_id)
         return room is not None and claims.sub in room.members
 
+    def on_server_subscription(self, conn: Connection, channel: str, added: bool) -> None:
+        """Keep :attr:`rooms` in step with the room effects applied to this node's
+        connections (a connection is in at most one room: the playback channel it was
+        subscribed to last)."""
+        family, _, room_id = channel.partition(":")
+        if family != Family.PLAYBACK.value:
+            return
+        if added:
+            self.rooms[conn.session_id] = room_id
+        elif self.rooms.get(conn.session_id) == room_id:
+            del self.rooms[conn.session_id]
+
     async def on_disconnect(self, conn: Connection) -> None:
-        room_id = conn.room_id
+        room_id = self.rooms.pop(conn.session_id, None)
         if room_id is None:
             return
         with contextlib.suppress(RequestError):
@@ -330,8 +344,8 @@ def install(node: Node, app: web.Application, store: RoomStore) -> SyncPlay:
         node.register(f"syncplay.{name}", feature.handle_request)
     node.policy.set_checker(Family.PLAYBACK, feature.may_subscribe)
     node.on_disconnect.append(feature.on_disconnect)
-    node.room_admission = feature.admission
-    node.room_join = feature.join_on_connect
+    node.endpoints["playback"] = Endpoint(feature.admission, feature.join_on_connect)
+    node.on_server_subscription.append(feature.on_server_subscription)
     base = "/api/v1/syncplay"
     r = app.router
     r.add_get(f"{base}/rooms", feature._rest("list"))

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..auth import Claims
 from ..codes import ErrorCode
 from ..core.channels import Family, parse_channel
+from ..core.control import EndChannel, SubscribeUser
 from ..core.node import Node
 from ..exceptions import RequestError
 from ..server.http import backend_auth, json_body, json_response
@@ -62,11 +63,7 @@ class Transcode:
         if previous is None:
             # First event: subscribe the owner's connections everywhere; they get this
             # publication as the channel's latest value.
-            await node.call(
-                node.broker.publish_control(
-                    {"op": "subscribe_user", "user_id": body.user_id, "channel": channel}
-                )
-            )
+            await node.send_control(SubscribeUser(body.user_id, channel))
         if body.type != "transcode.progress":
             retention = node.settings.channels.transcode_retention
             await node.call(node.broker.set_value(owner_key(job_id), body.user_id, retention + 1))
@@ -75,9 +72,7 @@ class Transcode:
 
     async def _end_later(self, channel: str, delay: float) -> None:
         await asyncio.sleep(delay)
-        await self.node.call(
-            self.node.broker.publish_control({"op": "end_channel", "channel": channel})
-        )
+        await self.node.send_control(EndChannel(channel))
 
     async def http_event(self, request: web.Request) -> web.Response:
         backend_auth(request)

@@ -53,7 +53,7 @@ from ..core.node import Node
 from ..protocol import SUBPROTOCOL, now_ms
 from .errors import Refusal
 from .logs import log_access
-from .ws import CLOSE_TIMEOUT, Upgrade, admit, control_frame, enter_handshake
+from .ws import CLOSE_TIMEOUT, Upgrade, admit, control_frame, endpoint_opened, enter_handshake
 
 __all__ = ["Engine", "Socket"]
 
@@ -280,7 +280,7 @@ class Socket(asyncio.Protocol):
             else:
                 self._t.abort()
         finally:
-            self._engine.node.handshakes.leave()
+            self._engine.node.admission.handshakes.leave()
 
     async def _open(self, request: Request, route: Route) -> None:
         node = self._engine.node
@@ -307,12 +307,12 @@ class Socket(asyncio.Protocol):
                 return
             if room_id is not None:
                 try:
-                    await node.join_room_on_connect(conn, room_id, dict(up.query))
+                    await endpoint_opened(node, conn, room_id, dict(up.query))
                 except Exception:
                     log.exception("joining room %s on connect failed", room_id)
                     conn.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
-            await node.release_if_unopened(claims, session_id)
+            await node.admission.release_if_unopened(claims, session_id)
         self._resume()
 
     def _accept(self, request: Request) -> bool:

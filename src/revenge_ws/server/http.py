@@ -217,7 +217,7 @@ async def revoke(request: web.Request) -> web.Response:
 async def presence(request: web.Request) -> web.Response:
     backend_auth(request)
     channel = parse_channel(request.match_info["channel"]).name
-    members = await request.app[NODE].presence(channel)
+    members = await request.app[NODE].subscriptions.presence(channel)
     return json_response({"channel": channel, "members": members})
 
 

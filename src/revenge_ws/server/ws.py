@@ -22,7 +22,7 @@ from aiohttp import WSMsgType, web
 from ..auth import Claims
 from ..codes import CloseCode, ErrorCode
 from ..core.connection import Connection
-from ..core.node import Node
+from ..core.node import Endpoint, Node
 from ..core.session import Close
 from ..exceptions import AuthError, ProtocolError
 from ..protocol import SUBPROTOCOL, now_ms
@@ -35,6 +35,7 @@ __all__ = [
     "admit",
     "close_reply",
     "control_frame",
+    "endpoint_opened",
     "enter_handshake",
     "extract_token",
     "websocket_handler",
@@ -185,9 +186,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 conn = await node.open(claims, transport, session_id, extra_channels=extra)
             finally:
                 opening = False
-                node.handshakes.leave()
+                node.admission.handshakes.leave()
             if room_id is not None:
-                await node.join_room_on_connect(conn, room_id, dict(request.query))
+                await endpoint_opened(node, conn, room_id, dict(request.query))
             try:
                 while not conn.closed:
                     msg = await ws.receive()
@@ -221,10 +222,10 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 await node.closed(conn, ws.close_code)
             return ws
         finally:
-            await node.release_if_unopened(claims, session_id)
+            await node.admission.release_if_unopened(claims, session_id)
     finally:
         if opening:
-            node.handshakes.leave()
+            node.admission.handshakes.leave()
 
 
 def control_frame(node: Node, conn: Connection) -> bool:
@@ -244,16 +245,16 @@ def control_frame(node: Node, conn: Connection) -> bool:
 def enter_handshake(node: Node) -> Refusal | None:
     """Take one of the node's places for a handshake in progress (contract v1.1 §12),
     before anything about the request is looked at, its token included. None when
-    taken: the adapter gives it back (``node.handshakes.leave()``) once the connection is
+    taken: the adapter gives it back (``node.admission.handshakes.leave()``) once the connection is
     open or refused. Else the 503 to answer."""
-    if node.handshakes.enter():
+    if node.admission.handshakes.enter():
         return None
     node.observer.handshake_refused(ErrorCode.UNAVAILABLE.value)
     return Refusal(
         ErrorCode.UNAVAILABLE,
         "too many handshakes in progress, retry later",
         1,
-        node.spread_window(),
+        node.admission.spread_window(),
     )
 
 
@@ -268,7 +269,7 @@ async def admit(up: Upgrade, node: Node) -> Refusal | Admitted:
         node.observer.handshake_refused(ErrorCode.UNAVAILABLE.value)
         result = UNAVAILABLE
     if isinstance(result, Refusal) and result.code is ErrorCode.UNAVAILABLE:
-        return dataclasses.replace(result, window=node.spread_window())
+        return dataclasses.replace(result, window=node.admission.spread_window())
     return result
 
 
@@ -294,23 +295,36 @@ async def _admit(up: Upgrade, node: Node) -> Refusal | Admitted:
     try:
         if job_id is not None:
             extra = (await _check_channel(node, claims, f"transcode:{job_id}"),)
-        if room_id is not None and node.room_admission is not None:
-            await node.room_admission(claims, room_id, dict(up.query))
-        elif room_id is not None:
-            raise ProtocolError(ErrorCode.NOT_FOUND, "SyncPlay is not enabled on this hub")
+        if room_id is not None:
+            await _playback(node).admit(claims, room_id, dict(up.query))
     except ProtocolError as exc:
         node.observer.handshake_refused(exc.code.value)
         return Refusal(exc.code, exc.message)
     session_id = node.new_session_id()
     try:
-        await node.admit(claims, session_id)
+        await node.admission.admit(claims, session_id)
     except AuthError as exc:
         node.observer.handshake_refused(exc.code.value)
-        retry = node.retry_after() if exc.code is ErrorCode.UNAVAILABLE else None
+        retry = node.admission.retry_after() if exc.code is ErrorCode.UNAVAILABLE else None
         if exc.code is ErrorCode.RATE_LIMITED:
             retry = 5.0
         return Refusal(exc.code, exc.message, retry)
     return claims, session_id, extra, room_id
+
+
+def _playback(node: Node) -> Endpoint:
+    """The playback endpoint's feature (SyncPlay), or NOT_FOUND when it is off."""
+    endpoint = node.endpoints.get("playback")
+    if endpoint is None:
+        raise ProtocolError(ErrorCode.NOT_FOUND, "SyncPlay is not enabled on this hub")
+    return endpoint
+
+
+async def endpoint_opened(
+    node: Node, conn: Connection, room_id: str, query: dict[str, str]
+) -> None:
+    """The playback endpoint joins its room right after the ``welcome``."""
+    await _playback(node).opened(conn, room_id, query)
 
 
 def _refuse_before_auth(node: Node) -> Refusal | None:
@@ -324,7 +338,7 @@ def _refuse_before_auth(node: Node) -> Refusal | None:
     while a handshake awaits its checks); the per-user limits need the token's user and
     stay after it.
     """
-    wait = node.admission_wait()
+    wait = node.admission.wait()
     if wait > 0:
         full = len(node.hub) >= node.settings.server.max_connections
         reason = "this node is full" if full else "too many handshakes, retry later"

@@ -1,0 +1,140 @@
+"""Cluster-wide control messages, typed.
+
+The broker carries them to every node (:meth:`~revenge_ws.broker.base.Broker.publish_control`)
+as JSON objects with an ``"op"``; this module is the one place that knows that shape.
+Nodes of one release and the next must understand each other during a rolling upgrade,
+so fields are only ever added, and :func:`decode` ignores what it does not know (an
+unknown ``op``, a malformed field: ``None``, never an exception).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..codes import CloseCode
+
+__all__ = [
+    "Broadcast",
+    "ControlMessage",
+    "Disconnect",
+    "EndChannel",
+    "Revoke",
+    "SessionAction",
+    "SubscribeUser",
+    "decode",
+    "encode",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """Close every connection of ``user_id`` with ``code`` (backend ``disconnect``)."""
+
+    user_id: str
+    code: int = CloseCode.DISCONNECTED
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    """The user's tokens were revoked: close their connections with 4501."""
+
+    user_id: str
+    code: int = CloseCode.UNAUTHORIZED
+    reason: str = "token revoked"
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeUser:
+    """Subscribe every connection of ``user_id`` to ``channel`` (a transcode job started)."""
+
+    user_id: str
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionAction:
+    """Act on one connection, on whichever node holds it (SyncPlay effects)."""
+
+    session_id: str
+    action: Literal["send", "subscribe", "unsubscribe"]
+    channel: str | None = None
+    #: A direct message, for ``send`` (JSON text).
+    payload: str | None = None
+    #: ``unsubscribe`` waits (bounded) until the connection got this ``seq``.
+    after_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EndChannel:
+    """A channel ended (a finished transcode job): tell its subscribers, unsubscribe them."""
+
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """A direct message to every connection of ``user_id``."""
+
+    user_id: str
+    payload: str
+
+
+ControlMessage = Disconnect | Revoke | SubscribeUser | SessionAction | EndChannel | Broadcast
+
+_OPS: dict[type[ControlMessage], str] = {
+    Disconnect: "disconnect",
+    Revoke: "revoke",
+    SubscribeUser: "subscribe_user",
+    SessionAction: "session",
+    EndChannel: "end_channel",
+    Broadcast: "broadcast",
+}
+_ACTIONS = ("send", "subscribe", "unsubscribe")
+
+
+def encode(msg: ControlMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"op": _OPS[type(msg)]}
+    for name in msg.__slots__:
+        out[name] = getattr(msg, name)
+    return out
+
+
+def _str(raw: dict[str, Any], key: str) -> str | None:
+    value = raw.get(key)
+    return value if isinstance(value, str) else None
+
+
+def decode(raw: dict[str, Any]) -> ControlMessage | None:
+    """The message ``raw`` describes, or None when it is unknown or malformed."""
+    op = raw.get("op")
+    user = _str(raw, "user_id")
+    if op in ("disconnect", "revoke") and user is not None:
+        code = raw.get("code")
+        reason = _str(raw, "reason")
+        if op == "revoke":
+            return Revoke(user)
+        return Disconnect(
+            user,
+            code
+            if isinstance(code, int) and not isinstance(code, bool)
+            else CloseCode.DISCONNECTED,
+            (reason or "")[:120],
+        )
+    if op == "subscribe_user" and user is not None and (ch := _str(raw, "channel")):
+        return SubscribeUser(user, ch)
+    if op == "session" and (sid := _str(raw, "session_id")) and raw.get("action") in _ACTIONS:
+        after = raw.get("after_seq")
+        return SessionAction(
+            sid,
+            raw["action"],
+            _str(raw, "channel"),
+            _str(raw, "payload"),
+            after if isinstance(after, int) and not isinstance(after, bool) else None,
+        )
+    if op == "end_channel" and (ch := _str(raw, "channel")):
+        return EndChannel(ch)
+    if op == "broadcast" and user is not None and (payload := _str(raw, "payload")) is not None:
+        return Broadcast(user, payload)
+    return None
