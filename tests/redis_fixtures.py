@@ -37,6 +37,7 @@ __all__ = [
     "MakeBroker",
     "Recorder",
     "RedisProcess",
+    "SentinelCluster",
     "eventually",
     "kill_broker",
     "make_redis_broker",
@@ -44,6 +45,7 @@ __all__ = [
     "raw_redis",
     "redis_proc",
     "redis_url",
+    "sentinel_cluster",
 ]
 
 
@@ -97,11 +99,16 @@ class RedisProcess:
     """A private redis-server (no persistence) that can be stopped and restarted on
     the same port, to play an outage or a restart that lost every key."""
 
-    def __init__(self) -> None:
+    def __init__(self, *extra: str, sentinel_conf: str | None = None) -> None:
         self.binary = _binary()
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="revenge-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
+        #: More redis-server arguments (e.g. ``--replicaof``).
+        self.extra = list(extra)
+        #: Sentinel mode: this configuration (``port`` and ``dir`` are added) is written
+        #: to a file the sentinel may rewrite.
+        self.sentinel_conf = sentinel_conf
 
     @property
     def url(self) -> str:
@@ -109,12 +116,15 @@ class RedisProcess:
 
     def start(self) -> None:
         assert self.proc is None
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        if self.sentinel_conf is not None:
+            conf = os.path.join(self.dir, "sentinel.conf")
+            with open(conf, "w") as f:
+                f.write(f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n{self.sentinel_conf}")
+            cmd = [self.binary, conf, "--sentinel"]
+        else:
+            cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                   "--appendonly", "no", "--dir", self.dir, *self.extra]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             with contextlib.suppress(OSError):
@@ -152,6 +162,133 @@ class RedisProcess:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SentinelCluster:
+    """A master, two replicas and three Sentinels (quorum 2, ``down-after-milliseconds``
+    1000), each a private process on a free port; :meth:`cleanup` stops them all."""
+
+    MASTER = "mymaster"
+
+    def __init__(self) -> None:
+        self.master = RedisProcess()
+        self.replicas: list[RedisProcess] = []
+        self.sentinels: list[RedisProcess] = []
+
+    @property
+    def data_nodes(self) -> list[RedisProcess]:
+        return [self.master, *self.replicas]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.MASTER}/0"
+
+    def start(self) -> None:
+        self.master.start()
+        for _ in range(2):
+            replica = RedisProcess("--replicaof", "127.0.0.1", str(self.master.port))
+            self.replicas.append(replica)
+            replica.start()
+        self._wait(lambda: all(self._info(r.port).get("master_link_status") == "up"
+                               for r in self.replicas), "replicas in sync")  # fmt: skip
+        conf = (
+            "sentinel resolve-hostnames no\n"
+            f"sentinel monitor {self.MASTER} 127.0.0.1 {self.master.port} 2\n"
+            f"sentinel down-after-milliseconds {self.MASTER} 1000\n"
+            f"sentinel failover-timeout {self.MASTER} 10000\n"
+            f"sentinel parallel-syncs {self.MASTER} 2\n"
+        )
+        for _ in range(3):
+            sentinel = RedisProcess(sentinel_conf=conf)
+            self.sentinels.append(sentinel)
+            sentinel.start()
+
+        def settled() -> bool:
+            for s in self.sentinels:
+                state = self._sentinel_master(s.port)
+                if state.get("num-slaves") != "2" or state.get("num-other-sentinels") != "2":
+                    return False
+            return True
+
+        self._wait(settled, "sentinels see both replicas and each other", 30)
+
+    def master_port(self) -> int:
+        """The master's port, as the first Sentinel sees it now."""
+        reply = _command(self.sentinels[0].port, "SENTINEL", "get-master-addr-by-name",
+                         self.MASTER)  # fmt: skip
+        assert isinstance(reply, list)
+        return int(reply[1])
+
+    def process_on(self, port: int) -> RedisProcess:
+        return next(p for p in self.data_nodes if p.port == port)
+
+    def _info(self, port: int) -> dict[str, str]:
+        text = _command(port, "INFO", "replication")
+        assert isinstance(text, bytes)
+        lines = (line.split(":", 1) for line in text.decode().splitlines() if ":" in line)
+        return dict((k, v) for k, v in lines)
+
+    def _sentinel_master(self, port: int) -> dict[str, str]:
+        reply = _command(port, "SENTINEL", "master", self.MASTER)
+        if not isinstance(reply, list):
+            return {}
+        flat = [x.decode() if isinstance(x, bytes) else str(x) for x in reply]
+        return dict(zip(flat[::2], flat[1::2], strict=False))
+
+    @staticmethod
+    def _wait(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                if check():
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis sentinel cluster: {what}: not reached in time")
+            time.sleep(0.05)
+
+    def cleanup(self) -> None:
+        for proc in [*self.sentinels, *self.data_nodes]:
+            proc.cleanup()
+
+
+def _command(port: int, *args: str) -> Any:
+    """One command over a plain socket (RESP2), for fixtures that must not need an event
+    loop; returns bytes, an int, a list, or None."""
+    out = b"".join(b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args)
+    with socket.create_connection(("127.0.0.1", port), 2) as sock:
+        sock.settimeout(2)
+        sock.sendall(b"*%d\r\n" % len(args) + out)
+        f = sock.makefile("rb")
+        return _read_reply(f)
+
+
+def _read_reply(f: Any) -> Any:
+    line = f.readline().rstrip(b"\r\n")
+    kind, rest = line[:1], line[1:]
+    if kind == b"+":
+        return rest
+    if kind == b"-":
+        raise ValueError(rest.decode())
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        n = int(rest)
+        return None if n < 0 else f.read(n + 2)[:-2]
+    if kind == b"*":
+        n = int(rest)
+        return None if n < 0 else [_read_reply(f) for _ in range(n)]
+    raise ValueError(f"unexpected reply {line!r}")
+
+
+@pytest.fixture
+def sentinel_cluster() -> Iterator[SentinelCluster]:
+    cluster = SentinelCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -111,10 +111,14 @@ class ApiSettings(_Section):
 
 
 class BrokerSettings(_Section):
-    #: ``memory://`` (one process) or ``redis://host:port/db``.
+    #: ``memory://`` (one process), ``redis://host:port/db``, or
+    #: ``redis+sentinel://host1:26379,host2:26379/<master-name>/db`` (Redis Sentinel).
     url: str = "memory://"
     #: Seconds a broker call may take before it fails with UNAVAILABLE.
     timeout: float = Field(5.0, gt=0, le=60)
+    #: Redis: a publication is acked only once this many replicas have it (``WAIT``);
+    #: 0 acks as soon as the master has it.
+    min_replicas: int = Field(0, ge=0, le=16)
 
 
 class StoreSettings(_Section):

@@ -1,6 +1,7 @@
 """Brokers, picked by URL scheme and imported lazily (optional dependencies stay optional).
 
-``memory://`` is the in-process broker; ``redis://`` / ``rediss://`` the Redis one.
+``memory://`` is the in-process broker; ``redis://`` / ``rediss://`` the Redis one, and
+``redis+sentinel://`` / ``rediss+sentinel://`` the Redis one through Redis Sentinel.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def open_broker(settings: Settings) -> Broker:
         from .memory import MemoryBroker
 
         return MemoryBroker(idempotency_ttl=settings.history.idempotency_ttl)
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
         try:
             from .redis import RedisBroker
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -41,8 +42,13 @@ def open_broker(settings: Settings) -> Broker:
                 "REVENGE_BROKER_URL is redis:// but the redis package is missing: "
                 "pip install 'revenge-ws[redis]'"
             ) from exc
-        broker: Broker = RedisBroker(url, node_id=settings.node_id, timeout=settings.broker.timeout)
+        broker: Broker = RedisBroker(
+            url,
+            node_id=settings.node_id,
+            timeout=settings.broker.timeout,
+            min_replicas=settings.broker.min_replicas,
+        )
         return broker
     raise ConfigError(
-        f"REVENGE_BROKER_URL (broker.url): unknown scheme {scheme!r}; use memory:// or redis://"
+        f"REVENGE_BROKER_URL (broker.url): unknown scheme {scheme!r}; use memory://, redis:// or redis+sentinel://"
     )

@@ -13,7 +13,8 @@ errors) and the Lua scripts in ``broker/lua/``.
 Key layout (``P`` is the key prefix, default ``revenge``; ``C`` a channel; presence keys
 are listed in :mod:`.redis_presence`)::
 
-    P:ch:C            hash    epoch, seq, ttl (history ttl, ms)   TTL max(channel_ttl, ttl)
+    P:ch:C            hash    epoch, seq, ttl (history ttl, ms), rid (run id and replication
+                              id of the server that started the epoch)   TTL max(channel_ttl, ttl)
     P:hist:C          stream  id "<seq>-0", fields t (Redis ms), p (payload)   TTL = ttl
     P:idem:C:K        string  "<epoch>:<seq>" of the first publish with key K
     P:kv:K            string  set_if_absent / get_value / set_value
@@ -37,9 +38,8 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import RedisError
 from redis.typing import EncodableT
 
@@ -49,6 +49,7 @@ from ..protocol import StreamPosition, rfc3339
 from ..redis_errors import RedisErrorPolicy, redis_call
 from .base import BrokerHandler, HistoryResult, Publication
 from .redis_link import LinkKeeper, PubSubLink
+from .redis_pool import open_pool
 from .redis_presence import RedisPresence
 from .redis_scripts import lua
 
@@ -60,6 +61,8 @@ T = TypeVar("T")
 
 #: How long closing the broker may wait for its tasks and connections (s).
 CLOSE_TIMEOUT = 5.0
+#: How often (s) a broker behind Sentinel checks that its pub/sub link is on the master.
+MASTER_WATCH = 1.0
 
 
 def _ms(seconds: float) -> int:
@@ -142,6 +145,7 @@ class RedisBroker:
         reconnect_min: float = 0.1,
         reconnect_max: float = 5.0,
         heartbeat: float = 5.0,
+        min_replicas: int = 0,
     ) -> None:
         if not 0 < presence_refresh < presence_ttl:
             raise ConfigError("redis broker: presence_refresh must be in (0, presence_ttl)")
@@ -157,24 +161,10 @@ class RedisBroker:
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         self.heartbeat = heartbeat
-        try:
-            self._pool = BlockingConnectionPool.from_url(
-                url,
-                max_connections=max_connections,
-                # Waiting for a free connection counts against the call's timeout.
-                timeout=timeout,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                # No hidden retries: a call fails once, fast, and the caller decides.
-                retry=Retry(NoBackoff(), 0),
-                # RESP2: pub/sub messages are plain replies on every server we support.
-                protocol=2,
-                client_name=f"revenge-ws:{node_id}"[:128].replace(" ", "_"),
-            )
-        except ValueError as exc:
-            raise ConfigError(
-                f"REVENGE_BROKER_URL (broker.url) is not a Redis URL: {exc}"
-            ) from None
+        self.min_replicas = min_replicas
+        self._pool, self._close_pool_extras = open_pool(
+            url, node_id=node_id, timeout=timeout, max_connections=max_connections
+        )
         self._redis: Redis = Redis(connection_pool=self._pool)
         self._publish_script = self._redis.register_script(lua("publish"))
         self._history_script = self._redis.register_script(lua("history"))
@@ -245,6 +235,12 @@ class RedisBroker:
                 self._refresh_loop(), name=f"revenge-redis-presence-{self.node_id}"
             ),
         ]
+        if isinstance(self._pool, SentinelConnectionPool):
+            self._tasks.append(
+                asyncio.create_task(
+                    self._watch_master(self._pool), name=f"revenge-redis-sentinel-{self.node_id}"
+                )
+            )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(first_attempt), self.timeout)
 
@@ -269,6 +265,7 @@ class RedisBroker:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await self._redis.aclose()
                 await self._pool.disconnect()
+                await self._close_pool_extras()
 
     async def ping(self) -> None:
         """Raise ``BrokerUnavailable`` unless Redis answers and the pub/sub link is up."""
@@ -305,7 +302,10 @@ class RedisBroker:
             _ms(self.idempotency_ttl),
             self._rch(channel),
         ]
-        res = await self._run(self._publish_script(keys, args))
+        if self.min_replicas > 0:
+            res = await self._run(self._publish_replicated(keys, args))
+        else:
+            res = await self._run(self._publish_script(keys, args))
         fresh, epoch, seq = int(res[0]), _text(res[1]), int(res[2])
         if not fresh:
             if len(res) > 3 and res[3]:
@@ -314,6 +314,24 @@ class RedisBroker:
             return Publication(channel, mtype, seq, epoch, data, ts, now)
         payload = head + str(seq).encode() + b',"epoch":"' + epoch.encode() + b'"' + tail
         return Publication(channel, mtype, seq, epoch, data, ts, now, payload=payload)
+
+    async def _publish_replicated(self, keys: list[str], args: list[EncodableT]) -> Any:
+        """The publish script, then ``WAIT min_replicas`` on the same connection: the
+        publication is acked only once that many replicas have it."""
+        async with self._redis.client() as conn:
+            res = await self._publish_script(keys, args, client=conn)
+            # Also for a repeated idempotency key: its first attempt may have failed here.
+            wait_ms = max(1, int(self.timeout * 500))
+            acked = int(
+                await conn.execute_command("WAIT", self.min_replicas, wait_ms)  # type: ignore[no-untyped-call]
+            )
+            if acked < self.min_replicas:
+                # Published (and maybe delivered) but not safe from a failover yet: the
+                # caller's retry with the same idempotency key returns this position.
+                raise BrokerUnavailable(
+                    f"publication reached {acked} of {self.min_replicas} redis replicas"
+                )
+        return res
 
     async def history(
         self, channel: str, since: StreamPosition | None = None, limit: int = 0
@@ -429,6 +447,30 @@ class RedisBroker:
             handler.on_publication(pub)
         except Exception:
             log.exception("on_publication failed for %s", pub.channel)
+
+    # -- Sentinel ------------------------------------------------------------------------
+    async def _watch_master(self, pool: SentinelConnectionPool) -> None:
+        """Every ``MASTER_WATCH`` seconds ask the sentinels where the master is; when the
+        pub/sub link is on another server (a planned failover leaves the demoted master's
+        pub/sub clients connected), rebuild it. Asking also drops idle pool connections
+        to a former master."""
+        while True:
+            await asyncio.sleep(MASTER_WATCH)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.debug("sentinel: no master now: %s", exc)
+                continue
+            link = self._links.link
+            if link is None or not link.ready:
+                continue
+            conn: Any = link.conn
+            if (conn.host, int(conn.port)) != (host, int(port)):
+                log.warning(
+                    "redis master is now %s:%s (sentinel); moving the pub/sub link", host, port
+                )
+                await link.close()
 
     # -- presence refresh ------------------------------------------------------------------
     async def _refresh_loop(self) -> None:

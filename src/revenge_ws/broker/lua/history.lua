@@ -3,15 +3,26 @@
 -- default history ttl ms, meta ttl ms. Returns {epoch, top seq, recovered 0/1, payloads...}.
 local _t = redis.call('TIME')
 local now = tonumber(_t[1]) * 1000 + math.floor(tonumber(_t[2]) / 1000)
+-- Who assigns seqs: this server's run id and replication id. A promoted replica (failover),
+-- a restart or a master that synced from another one has another id than the server that
+-- wrote a channel's meta, and may have lost that server's last writes (replication is
+-- asynchronous): the channel then starts a new epoch rather than hand out a seq again.
+-- '' when INFO is not available to scripts: then the check is off.
+local mid = ''
+local _info = redis.pcall('INFO', 'server', 'replication')
+if type(_info) == 'string' then
+  mid = (string.match(_info, 'run_id:(%w+)') or '') .. ':'
+    .. (string.match(_info, 'master_replid:(%w+)') or '')
+end
 local meta, hist = KEYS[1], KEYS[2]
-local m = redis.call('HMGET', meta, 'epoch', 'seq', 'ttl')
+local m = redis.call('HMGET', meta, 'epoch', 'seq', 'ttl', 'rid')
 local epoch, top, httl = m[1], tonumber(m[2]), tonumber(m[3])
-if not epoch then
+if not epoch or (m[4] or '') ~= mid then
   -- Persist the new epoch now: the next publish must continue it, or every subscriber
   -- that read this position would see a second, spurious epoch change.
   epoch, top, httl = ARGV[1], 0, tonumber(ARGV[5])
   redis.call('DEL', hist)
-  redis.call('HSET', meta, 'epoch', epoch, 'seq', 0, 'ttl', ARGV[5])
+  redis.call('HSET', meta, 'epoch', epoch, 'seq', 0, 'ttl', ARGV[5], 'rid', mid)
 end
 top = top or 0
 httl = httl or tonumber(ARGV[5])

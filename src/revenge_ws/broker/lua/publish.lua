@@ -5,14 +5,27 @@
 -- repeated idempotency key (nothing written, nothing published).
 local _t = redis.call('TIME')
 local now = tonumber(_t[1]) * 1000 + math.floor(tonumber(_t[2]) / 1000)
+-- Who assigns seqs: this server's run id and replication id. A promoted replica (failover),
+-- a restart or a master that synced from another one has another id than the server that
+-- wrote a channel's meta, and may have lost that server's last writes (replication is
+-- asynchronous): the channel then starts a new epoch rather than hand out a seq again.
+-- '' when INFO is not available to scripts: then the check is off.
+local mid = ''
+local _info = redis.pcall('INFO', 'server', 'replication')
+if type(_info) == 'string' then
+  mid = (string.match(_info, 'run_id:(%w+)') or '') .. ':'
+    .. (string.match(_info, 'master_replid:(%w+)') or '')
+end
 local meta, hist = KEYS[1], KEYS[2]
-local epoch = redis.call('HGET', meta, 'epoch')
-if not epoch then
-  -- No meta: a new channel, or Redis lost it (flush, restart, expiry). Start a new
-  -- epoch, and drop any history left from the old one so the two never mix.
+local m = redis.call('HMGET', meta, 'epoch', 'rid')
+local epoch = m[1]
+if not epoch or (m[2] or '') ~= mid then
+  -- No meta: a new channel, or Redis lost it (flush, restart, expiry); or another server
+  -- assigned its seqs (see mid). Start a new epoch, and drop any history left from the
+  -- old one so the two never mix.
   epoch = ARGV[1]
   redis.call('DEL', hist)
-  redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
+  redis.call('HSET', meta, 'epoch', epoch, 'seq', 0, 'rid', mid)
 end
 if KEYS[3] then
   local first = redis.call('GET', KEYS[3])
