@@ -27,7 +27,6 @@ from revenge_ws.syncplay.machine import (
     Settings,
     Subscribe,
     Unsubscribe,
-    _blocks,
     chat_history,
     disconnect,
     handle,
@@ -38,6 +37,7 @@ from revenge_ws.syncplay.machine import (
     tick,
     verify_password,
 )
+from revenge_ws.syncplay.model import blocks
 
 T0 = 1_700_000_000_000.0
 FAST = Settings(scrypt_n=16, scrypt_r=1)
@@ -920,7 +920,7 @@ def test_a_flaky_member_stops_blocking_after_repeated_timeouts() -> None:
     w.advance(5_000)
     w.do("bob", "buffering")
     assert w.room.state == "playing"
-    assert not _blocks(w.room.members["bob"], FAST)
+    assert not blocks(w.room.members["bob"], FAST)
 
 
 def test_tick_is_a_noop_when_nothing_is_due() -> None:
@@ -980,6 +980,31 @@ def test_a_member_back_from_silence_counts_for_its_own_request() -> None:
     cmd = commands(w.do("bob", "seek", position=5.0))[0]
     assert cmd["when"] == w.now + 2_000  # bob's own RTT counts: it is connected again
     assert w.room.members["bob"].connected
+
+
+class NoIds:
+    """An id source that fails the test if anything draws from it."""
+
+    def new_id(self) -> str:
+        raise AssertionError("new_id drawn")
+
+    def invite_code(self) -> str:
+        raise AssertionError("invite_code drawn")
+
+    def salt(self) -> bytes:
+        raise AssertionError("salt drawn")
+
+
+def test_disconnect_and_tick_use_the_injected_id_source() -> None:
+    """``disconnect`` and ``tick`` take the id source like ``handle``: with one that must
+    never be drawn from, a disconnect, the grace, the removal and the leader hand-over run."""
+    w = World()
+    w.join("bob")
+    assert disconnect(w.room, "alice", "s-alice", w.now, settings=FAST, ids=NoIds()).changed
+    w.advance(FAST.reconnect_grace_ms)
+    out = tick(w.room, w.now, settings=FAST, ids=NoIds())
+    assert "alice" not in w.room.members and w.room.leader_id == "bob"
+    assert published(out, "syncplay.member_left")[0]["reason"] == "disconnected"
 
 
 def test_disconnect_grace_then_removal_and_reconnect() -> None:
@@ -1320,7 +1345,7 @@ def _check_invariants(room: Room) -> None:
         return
     assert room.leader_id in room.members
     if room.state == "waiting":
-        assert any(_blocks(m, PROP) for m in room.members.values()), "waiting on nobody"
+        assert any(blocks(m, PROP) for m in room.members.values()), "waiting on nobody"
     assert Room.from_dict(json.loads(json.dumps(room.to_dict(), allow_nan=False))) == room
 
 

@@ -74,21 +74,70 @@ direct ``syncplay.sync``. Hints back off per member: 1.5 s after the first, then
 while the member stays out of sync (up to 60 s), so a player that cannot follow never loops.
 Reports are not judged during the first second after a command, nor while buffering, nor
 when they carry an older ``command_seq``.
+
+Layout
+------
+The room's data is in :mod:`~revenge_ws.syncplay.model` (rooms, members, invitations,
+settings), what a call yields in :mod:`~revenge_ws.syncplay.effects`, request validation in
+:mod:`~revenge_ws.syncplay.validation`, ids, codes, salts and passwords in
+:mod:`~revenge_ws.syncplay.ids`; this module re-exports their public names. What remains here
+is the rules: one operation per request type over a shared context (the room, the clock, the
+id source, the effects so far), the checks and transitions they share, and the entry points.
+It stays one module of ~1,000 lines, a tenth of it this description, because it is one
+concern, the room's state machine: every operation goes through the same checks and
+transitions, and the guarantees above must hold across all of them at once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
-from typing import Annotated, Any, Final, Literal, Protocol
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from typing import Any, Final
 
 from ..codes import ErrorCode
-from ..exceptions import ConfigError, RequestError
+from ..exceptions import RequestError
+from .effects import Actor, Direct, Effect, Outcome, Publish, RoomEnded, Subscribe, Unsubscribe
+from .ids import SECURE_IDS, IdSource, SecureIds, hash_password, verify_password
+from .model import (
+    CONTROL_MODES,
+    DEFAULT_SETTINGS,
+    EPS_POS,
+    IDLE,
+    INVITE_ALPHABET,
+    LEADER_ONLY,
+    PAUSED,
+    PLAYING,
+    STATES,
+    WAITING,
+    Invite,
+    Member,
+    Room,
+    Settings,
+    blocks,
+    by_seniority,
+    channel_of,
+    lead_ms,
+    wait_timeout,
+    waiting_on,
+)
+from .validation import (
+    ChatReq,
+    ControlReq,
+    CreateReq,
+    IgnoreWaitReq,
+    InviteReq,
+    JoinReq,
+    PauseReq,
+    PositionReq,
+    RateReq,
+    ReportReq,
+    Req,
+    RoomReq,
+    SeekReq,
+    SetContentReq,
+    UpdateReq,
+    UserReq,
+    validate,
+)
 
 __all__ = [
     "CONTROL_MODES",
@@ -122,449 +171,6 @@ __all__ = [
     "tick",
     "verify_password",
 ]
-
-IDLE: Final = "idle"
-WAITING: Final = "waiting"
-PAUSED: Final = "paused"
-PLAYING: Final = "playing"
-STATES: Final = (IDLE, WAITING, PAUSED, PLAYING)
-
-SHARED: Final = "shared"
-LEADER_ONLY: Final = "leader_only"
-CONTROL_MODES: Final = (SHARED, LEADER_ONLY)
-
-# No 0/O, 1/I/L: codes are read aloud and typed from phones.
-INVITE_ALPHABET: Final = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
-INVITE_LENGTH: Final = 8
-
-MAX_POSITION: Final = 10_000_000.0  # seconds (~115 days): bounds hostile input, not content
-MAX_RTT_MS: Final = 600_000.0
-_EPS_POS: Final = 0.0005  # positions are kept to 3 decimals
-_SCHEMA: Final = 1
-
-
-def channel_of(room_id: str) -> str:
-    """The channel a room publishes on."""
-    return f"playback:{room_id}"
-
-
-# --------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Node-wide SyncPlay limits and timings (times in ms unless the name says seconds)."""
-
-    max_participants: int = 50
-    max_participants_limit: int = 1000
-    buffering_timeout_first_ms: float = 60_000.0
-    buffering_timeout_rebuffer_ms: float = 10_000.0
-    max_wait_timeouts: int = 3
-    sync_threshold_s: float = 2.0
-    sync_hint_interval_ms: float = 1_500.0
-    sync_hint_max_interval_ms: float = 60_000.0
-    sync_grace_ms: float = 1_000.0
-    min_lead_ms: float = 500.0
-    max_lead_ms: float = 5_000.0
-    duplicate_window_ms: float = 1_000.0
-    chat_per_minute: int = 60
-    chat_max_chars: int = 1000
-    chat_history: int = 100
-    event_log_size: int = 200
-    idle_end_ms: float = 24 * 3600 * 1000.0
-    invite_ttl_ms: float = 24 * 3600 * 1000.0
-    max_invites: int = 100
-    presence_refresh_ms: float = 10_000.0
-    member_stale_ms: float = 30_000.0  # 0 disables
-    member_remove_ms: float = 120_000.0  # 0 disables
-    reconnect_grace_ms: float = 30_000.0
-    max_name_chars: int = 100
-    scrypt_n: int = 2**14
-    scrypt_r: int = 8
-    scrypt_p: int = 1
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_participants <= self.max_participants_limit:
-            raise ConfigError("syncplay max_participants must be between 1 and the limit")
-        if not 0 < self.min_lead_ms <= self.max_lead_ms:
-            raise ConfigError("syncplay min_lead_ms must be > 0 and <= max_lead_ms")
-        if self.member_stale_ms and self.presence_refresh_ms >= self.member_stale_ms:
-            raise ConfigError("syncplay presence_refresh_ms must be below member_stale_ms")
-        if self.sync_threshold_s <= 0:
-            raise ConfigError("syncplay sync_threshold_s must be > 0")
-        if self.scrypt_n < 2 or self.scrypt_n & (self.scrypt_n - 1):
-            raise ConfigError("syncplay scrypt_n must be a power of two >= 2")
-        for name in ("chat_per_minute", "chat_history", "event_log_size", "max_invites"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"syncplay {name} must be >= 1")
-
-
-DEFAULT_SETTINGS: Final = Settings()
-
-
-# --------------------------------------------------------------------------- randomness
-
-
-class IdSource(Protocol):
-    """Where the engine gets identifiers and salts (injected so tests are deterministic)."""
-
-    def new_id(self) -> str:
-        """A fresh, unguessable id (rooms, chat messages)."""
-        ...
-
-    def invite_code(self) -> str:
-        """A fresh invitation code: ``INVITE_LENGTH`` characters of ``INVITE_ALPHABET``."""
-        ...
-
-    def salt(self) -> bytes:
-        """A fresh password salt (16 random bytes)."""
-        ...
-
-
-class SecureIds:
-    """The production :class:`IdSource`, backed by :mod:`secrets`."""
-
-    def new_id(self) -> str:
-        return secrets.token_urlsafe(12)
-
-    def invite_code(self) -> str:
-        return "".join(secrets.choice(INVITE_ALPHABET) for _ in range(INVITE_LENGTH))
-
-    def salt(self) -> bytes:
-        return secrets.token_bytes(16)
-
-
-SECURE_IDS: Final = SecureIds()
-
-
-def hash_password(password: str, salt: bytes, settings: Settings = DEFAULT_SETTINGS) -> str:
-    """Hash a room password with scrypt; the result names its parameters and salt."""
-    n, r, p = settings.scrypt_n, settings.scrypt_r, settings.scrypt_p
-    dk = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32, maxmem=1 << 27)
-    return f"scrypt${n}${r}${p}${salt.hex()}${dk.hex()}"
-
-
-def verify_password(password: str, encoded: str) -> bool:
-    """Whether ``password`` matches ``encoded`` (constant-time compare; False if malformed)."""
-    try:
-        algo, n_s, r_s, p_s, salt_hex, dk_hex = encoded.split("$")
-        n, r, p = int(n_s), int(r_s), int(p_s)
-        salt, expected = bytes.fromhex(salt_hex), bytes.fromhex(dk_hex)
-    except ValueError:
-        return False
-    # Bounds keep a corrupted record from turning a join into a memory bomb.
-    if algo != "scrypt" or not (2 <= n <= 1 << 20 and 1 <= r <= 32 and 1 <= p <= 16):
-        return False
-    dk = hashlib.scrypt(
-        password.encode(), salt=salt, n=n, r=r, p=p, dklen=len(expected), maxmem=1 << 27
-    )
-    return hmac.compare_digest(dk, expected)
-
-
-# --------------------------------------------------------------------------- model
-
-
-@dataclass(slots=True)
-class Member:
-    """One user in a room. ``session_id`` is the connection that currently represents it."""
-
-    user_id: str
-    username: str
-    session_id: str | None
-    joined_at: float
-    last_seen_at: float
-    can_control: bool = False
-    is_ready: bool = False
-    is_buffering: bool = False
-    ignore_wait: bool = False
-    wait_timed_out: bool = False
-    wait_timeouts: int = 0
-    first_load: bool = True
-    not_ready_since: float | None = None
-    rtt_ms: float | None = None
-    position: float | None = None
-    is_playing: bool = False
-    connected: bool = True
-    disconnected_at: float | None = None
-    last_sync_at: float | None = None
-    sync_streak: int = 0
-
-    def view(self, leader_id: str | None) -> dict[str, Any]:
-        """The contract's member object (plus a few added fields)."""
-        return {
-            "user_id": self.user_id,
-            "username": self.username,
-            "is_leader": self.user_id == leader_id,
-            "can_control": self.can_control,
-            "is_ready": self.is_ready,
-            "is_buffering": self.is_buffering,
-            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 1),
-            "ignore_wait": self.ignore_wait,
-            "wait_timed_out": self.wait_timed_out,
-            "is_connected": self.connected,
-            "joined_at": self.joined_at,
-        }
-
-
-@dataclass(slots=True)
-class Invite:
-    """An invitation code: admits without the password until ``expires_at``."""
-
-    code: str
-    created_by: str
-    created_at: float
-    expires_at: float
-    user_id: str | None = None
-
-
-@dataclass(slots=True)
-class Room:
-    """A SyncPlay room. ``to_dict``/``from_dict`` round-trip it through JSON losslessly."""
-
-    room_id: str
-    name: str
-    content: dict[str, str]
-    public: bool
-    password_hash: str | None
-    max_participants: int
-    control_mode: str
-    leader_id: str | None
-    created_at: float
-    created_by: str
-    state: str = IDLE
-    position: float = 0.0
-    rate: float = 1.0
-    anchor_ms: float = 0.0
-    updated_at: float = 0.0
-    updated_by: str | None = None
-    command_seq: int = 0
-    last_command: dict[str, Any] | None = None
-    members: dict[str, Member] = field(default_factory=dict)
-    invites: dict[str, Invite] = field(default_factory=dict)
-    banned: list[str] = field(default_factory=list)
-    chat: list[dict[str, Any]] = field(default_factory=list)
-    chat_times: dict[str, list[float]] = field(default_factory=dict)
-    log: list[dict[str, Any]] = field(default_factory=list)
-    last_activity_at: float = 0.0
-    ended: bool = False
-    ended_reason: str | None = None
-    version: int = 0
-    #: :func:`next_deadline` as of the last change (None: ended, or not known yet for a room
-    #: stored before this field existed; :func:`tick` then records it). Stores index rooms
-    #: by it, so the timeout sweep loads only rooms that are due.
-    due_at: float | None = None
-
-    # -- timeline
-
-    def position_at(self, t_ms: float) -> float:
-        """Where every player should be at server time ``t_ms`` (unrounded)."""
-        if self.state != PLAYING or t_ms <= self.anchor_ms:
-            return self.position
-        return self.position + (t_ms - self.anchor_ms) / 1000.0 * self.rate
-
-    # -- wire views
-
-    def view(self) -> dict[str, Any]:
-        """The contract's room object."""
-        return {
-            "room_id": self.room_id,
-            "name": self.name,
-            "content": dict(self.content),
-            "public": self.public,
-            "has_password": self.password_hash is not None,
-            "max_participants": self.max_participants,
-            "control_mode": self.control_mode,
-            "leader_id": self.leader_id,
-            "state": self.state,
-            "member_count": len(self.members),
-            "created_at": self.created_at,
-        }
-
-    def state_view(self, settings: Settings = DEFAULT_SETTINGS) -> dict[str, Any]:
-        """The ``syncplay.state`` payload; ``when`` (added) anchors ``position``."""
-        return {
-            "room_id": self.room_id,
-            "state": self.state,
-            "position": round(self.position, 3),
-            "rate": self.rate,
-            "updated_at": self.updated_at,
-            "updated_by": self.updated_by,
-            "waiting_on": _waiting_on(self, settings) if self.state == WAITING else [],
-            "command_seq": self.command_seq,
-            "when": self.anchor_ms,
-        }
-
-    def members_view(self) -> list[dict[str, Any]]:
-        return [m.view(self.leader_id) for m in _by_seniority(self.members.values())]
-
-    # -- storage
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict holding everything (including the password hash: storage only)."""
-        out: dict[str, Any] = {"schema": _SCHEMA}
-        for name in _FIELDS[Room]:
-            out[name] = getattr(self, name)
-        out["content"] = dict(self.content)
-        out["last_command"] = None if self.last_command is None else dict(self.last_command)
-        out["members"] = {uid: _asdict(m) for uid, m in self.members.items()}
-        out["invites"] = {code: _asdict(i) for code, i in self.invites.items()}
-        out["banned"] = list(self.banned)
-        out["chat"] = [dict(c) for c in self.chat]
-        out["chat_times"] = {uid: list(ts) for uid, ts in self.chat_times.items()}
-        out["log"] = [dict(e) for e in self.log]
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Room:
-        """Rebuild a room from :meth:`to_dict` output; unknown keys are ignored."""
-        if data.get("schema", _SCHEMA) != _SCHEMA:
-            raise ValueError(f"unsupported room schema {data.get('schema')!r}")
-        kwargs = _known(cls, data)
-        kwargs["content"] = dict(data["content"])
-        last = data.get("last_command")
-        kwargs["last_command"] = None if last is None else dict(last)
-        kwargs["members"] = {uid: _member_from(m) for uid, m in data.get("members", {}).items()}
-        kwargs["invites"] = {
-            code: Invite(**_known(Invite, i)) for code, i in data.get("invites", {}).items()
-        }
-        kwargs["banned"] = list(data.get("banned", []))
-        kwargs["chat"] = [dict(c) for c in data.get("chat", [])]
-        kwargs["chat_times"] = {u: list(t) for u, t in data.get("chat_times", {}).items()}
-        kwargs["log"] = [dict(e) for e in data.get("log", [])]
-        return cls(**kwargs)
-
-
-# dataclasses.fields() is slow enough to dominate a room's (de)serialization: cache the names.
-_FIELDS: Final[dict[type[Any], frozenset[str]]] = {
-    cls: frozenset(f.name for f in fields(cls)) for cls in (Room, Member, Invite)
-}
-
-
-def _asdict(obj: Member | Invite) -> dict[str, Any]:
-    return {name: getattr(obj, name) for name in _FIELDS[type(obj)]}
-
-
-def _known(cls: type[Any], data: Mapping[str, Any]) -> dict[str, Any]:
-    names = _FIELDS[cls]
-    return {k: v for k, v in data.items() if k in names}
-
-
-def _member_from(data: Mapping[str, Any]) -> Member:
-    # Members are most of a room's weight: skip the filtering when the keys match exactly.
-    if data.keys() == _FIELDS[Member]:
-        return Member(**data)
-    return Member(**_known(Member, data))
-
-
-def _by_seniority(members: Iterable[Member]) -> list[Member]:
-    return sorted(members, key=lambda m: (m.joined_at, m.user_id))
-
-
-def _blocks(m: Member, s: Settings) -> bool:
-    return (
-        m.connected
-        and not m.is_ready
-        and not m.ignore_wait
-        and not m.wait_timed_out
-        and m.wait_timeouts < s.max_wait_timeouts
-    )
-
-
-def _waiting_on(room: Room, s: Settings) -> list[str]:
-    return [m.user_id for m in _by_seniority(room.members.values()) if _blocks(m, s)]
-
-
-def _wait_timeout(m: Member, s: Settings) -> float:
-    return s.buffering_timeout_first_ms if m.first_load else s.buffering_timeout_rebuffer_ms
-
-
-def lead_ms(room: Room, settings: Settings = DEFAULT_SETTINGS) -> float:
-    """How far ahead ``play``/``seek`` are scheduled (see the module docstring)."""
-    worst = max(
-        (m.rtt_ms for m in room.members.values() if m.connected and m.rtt_ms is not None),
-        default=0.0,
-    )
-    return min(settings.max_lead_ms, max(settings.min_lead_ms, 2.0 * worst))
-
-
-# --------------------------------------------------------------------------- effects
-
-
-@dataclass(frozen=True, slots=True)
-class Actor:
-    """Who sent a request. ``session_id`` is None for calls that come over HTTP."""
-
-    user_id: str
-    username: str
-    session_id: str | None = None
-    is_admin: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Publish:
-    """Publish ``type``/``data`` on ``channel`` (always the room's ``playback:`` channel)."""
-
-    channel: str
-    type: str
-    data: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Direct:
-    """Send ``type``/``data`` to one member's connection (no ``seq``). ``session_id`` is None
-    only for a member that has no connection (joined over HTTP): there is nothing to deliver."""
-
-    user_id: str
-    session_id: str | None
-    type: str
-    data: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Subscribe:
-    """Subscribe that connection to ``channel`` and remember it is in this room."""
-
-    user_id: str
-    session_id: str
-    channel: str
-
-
-@dataclass(frozen=True, slots=True)
-class Unsubscribe:
-    """Unsubscribe that connection from ``channel``; it is no longer in this room."""
-
-    user_id: str
-    session_id: str
-    channel: str
-
-
-@dataclass(frozen=True, slots=True)
-class RoomEnded:
-    """The room is over: the store drops it (``Room.ended`` is set)."""
-
-    room_id: str
-    reason: str
-
-
-Effect = Publish | Direct | Subscribe | Unsubscribe | RoomEnded
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What a call did.
-
-    ``reply`` is the ``ack`` data. ``effects`` must be carried out in order, and only after the
-    room was stored: ``Subscribe`` comes before the publications its connection must see, and
-    ``Unsubscribe`` after the ones (``member_left``, ``ended``) it must still get.
-    ``changed`` says whether the room must be written. ``next_deadline`` is when :func:`tick`
-    next has work (None for an ended room).
-    """
-
-    room: Room | None
-    reply: dict[str, Any] = field(default_factory=dict)
-    effects: list[Effect] = field(default_factory=list)
-    changed: bool = False
-    next_deadline: float | None = None
 
 
 class _Ctx:
@@ -630,121 +236,6 @@ class _Ctx:
         else:
             deadline = next_deadline(room, self.settings)
         return Outcome(room, reply, self.effects, changed, deadline)
-
-
-# --------------------------------------------------------------------------- request schemas
-
-
-class _Req(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False, frozen=True)
-
-
-_Id = Annotated[str, Field(min_length=1, max_length=128)]
-_Pos = Annotated[float, Field(ge=0.0, le=MAX_POSITION)]
-_Rtt = Annotated[float, Field(ge=0.0, le=MAX_RTT_MS)]
-_Seq = Annotated[int, Field(ge=0)]
-
-
-class _Content(_Req):
-    type: Literal["movie", "episode"]
-    id: Annotated[str, Field(min_length=1, max_length=200)]
-
-
-class _RoomReq(_Req):
-    room_id: _Id
-
-
-class _ControlReq(_RoomReq):
-    command_seq: _Seq | None = None
-
-
-class _CreateReq(_Req):
-    name: Annotated[str, Field(min_length=1, max_length=200)]
-    content: _Content
-    public: bool = False
-    password: Annotated[str, Field(max_length=256)] | None = None
-    max_participants: Annotated[int, Field(ge=1)] | None = None
-    control_mode: Literal["shared", "leader_only"] = SHARED
-
-
-class _JoinReq(_Req):
-    room_id: _Id | None = None
-    password: Annotated[str, Field(max_length=256)] | None = None
-    invite_code: Annotated[str, Field(min_length=1, max_length=32)] | None = None
-    rtt_ms: _Rtt | None = None
-
-    @model_validator(mode="after")
-    def _room_or_code(self) -> _JoinReq:
-        if self.room_id is None and self.invite_code is None:
-            raise ValueError("'room_id' or 'invite_code' is required")
-        return self
-
-
-class _UserReq(_RoomReq):
-    user_id: _Id
-
-
-class _UpdateReq(_RoomReq):
-    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
-    public: bool | None = None
-    password: Annotated[str, Field(max_length=256)] | None = None
-    max_participants: Annotated[int, Field(ge=1)] | None = None
-    control_mode: Literal["shared", "leader_only"] | None = None
-    can_control: Annotated[dict[_Id, bool], Field(max_length=1000)] | None = None
-
-
-class _InviteReq(_RoomReq):
-    user_id: _Id | None = None
-
-
-class _ChatReq(_RoomReq):
-    message: Annotated[str, Field(min_length=1, max_length=100_000)]
-
-
-class _PauseReq(_ControlReq):
-    position: _Pos | None = None
-
-
-class _SeekReq(_ControlReq):
-    position: _Pos
-
-
-class _RateReq(_ControlReq):
-    rate: Annotated[float, Field(ge=0.25, le=2.0)]
-
-
-class _SetContentReq(_ControlReq):
-    content: _Content
-
-
-class _PositionReq(_RoomReq):
-    position: _Pos | None = None
-
-
-class _IgnoreWaitReq(_RoomReq):
-    ignore: bool
-
-
-class _ReportReq(_RoomReq):
-    position: _Pos
-    is_playing: bool
-    is_buffering: bool = False
-    rtt_ms: _Rtt | None = None
-    command_seq: _Seq | None = None
-
-
-def _validate(model: type[_Req], data: object, rtype: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise RequestError(ErrorCode.INVALID_MESSAGE, f"syncplay.{rtype}: 'data' must be an object")
-    try:
-        return model.model_validate(dict(data))
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        where = f"invalid '{loc}'" if loc else "invalid data"
-        raise RequestError(
-            ErrorCode.INVALID_MESSAGE, f"syncplay.{rtype}: {where}: {err['msg']}"
-        ) from None
 
 
 # --------------------------------------------------------------------------- checks
@@ -835,7 +326,7 @@ def _resume_if_unblocked(ctx: _Ctx, by: str | None) -> None:
     """A waiting room starts as soon as nobody blocks; otherwise its waiting_on is republished."""
     if ctx.room.state != WAITING:
         return
-    if _waiting_on(ctx.room, ctx.settings):
+    if waiting_on(ctx.room, ctx.settings):
         ctx.publish_state()
     else:
         _start_playing(ctx, by)
@@ -857,7 +348,7 @@ def _end(ctx: _Ctx, reason: str, by: str | None = None) -> None:
     ctx.log("end", by, reason=reason)
     ctx.publish("syncplay.ended", {"room_id": room.room_id, "reason": reason})
     channel = channel_of(room.room_id)
-    for m in _by_seniority(room.members.values()):
+    for m in by_seniority(room.members.values()):
         if m.session_id is not None:
             ctx.effects.append(Unsubscribe(m.user_id, m.session_id, channel))
     ctx.effects.append(RoomEnded(room.room_id, reason))
@@ -904,9 +395,7 @@ def _new_member(actor: Actor, now: float, rtt: float | None) -> Member:
 # --------------------------------------------------------------------------- operations
 
 
-def _create(
-    actor: Actor, req: _CreateReq, now: float, settings: Settings, ids: IdSource
-) -> Outcome:
+def _create(actor: Actor, req: CreateReq, now: float, settings: Settings, ids: IdSource) -> Outcome:
     name = _clean_name(req.name, settings)
     max_p = settings.max_participants if req.max_participants is None else req.max_participants
     _check_max_participants(max_p, settings)
@@ -938,7 +427,7 @@ def _create(
     )
 
 
-def _join(ctx: _Ctx, actor: Actor, req: _JoinReq) -> dict[str, Any]:
+def _join(ctx: _Ctx, actor: Actor, req: JoinReq) -> dict[str, Any]:
     room, now = ctx.room, ctx.now
     channel = channel_of(room.room_id)
     m = room.members.get(actor.user_id)
@@ -974,9 +463,8 @@ def _join(ctx: _Ctx, actor: Actor, req: _JoinReq) -> dict[str, Any]:
 
     invite: Invite | None = None
     if req.invite_code is not None:
-        code = req.invite_code.replace("-", "").replace(" ", "").upper()
-        invite = room.invites.get(code)
-        if invite is None or invite.expires_at <= now:
+        invite = room.live_invite(req.invite_code, now)
+        if invite is None:
             raise RequestError(ErrorCode.NOT_FOUND, "unknown or expired invitation code")
         if invite.user_id is not None and invite.user_id != actor.user_id:
             raise RequestError(ErrorCode.FORBIDDEN, "this invitation is for another user")
@@ -1010,7 +498,7 @@ def _join(ctx: _Ctx, actor: Actor, req: _JoinReq) -> dict[str, Any]:
     }
 
 
-def _leave(ctx: _Ctx, actor: Actor, req: _RoomReq) -> dict[str, Any]:
+def _leave(ctx: _Ctx, actor: Actor, req: RoomReq) -> dict[str, Any]:
     if actor.user_id not in ctx.room.members:
         ctx.changed = False
         return {"room_id": ctx.room.room_id, "left": False}
@@ -1018,14 +506,14 @@ def _leave(ctx: _Ctx, actor: Actor, req: _RoomReq) -> dict[str, Any]:
     return {"room_id": ctx.room.room_id, "left": True}
 
 
-def _end_op(ctx: _Ctx, actor: Actor, req: _RoomReq) -> dict[str, Any]:
+def _end_op(ctx: _Ctx, actor: Actor, req: RoomReq) -> dict[str, Any]:
     _require_leader(ctx.room, actor, admin_ok=True)
     reason = "ended_by_leader" if _is_leader(ctx.room, actor) else "ended_by_admin"
     _end(ctx, reason, actor.user_id)
     return {"room_id": ctx.room.room_id, "ended": True}
 
 
-def _update(ctx: _Ctx, actor: Actor, req: _UpdateReq) -> dict[str, Any]:
+def _update(ctx: _Ctx, actor: Actor, req: UpdateReq) -> dict[str, Any]:
     room, s = ctx.room, ctx.settings
     _require_leader(room, actor, admin_ok=False)
     given = req.model_fields_set
@@ -1063,7 +551,7 @@ def _update(ctx: _Ctx, actor: Actor, req: _UpdateReq) -> dict[str, Any]:
     return {"room": room.view()}
 
 
-def _invite(ctx: _Ctx, actor: Actor, req: _InviteReq) -> dict[str, Any]:
+def _invite(ctx: _Ctx, actor: Actor, req: InviteReq) -> dict[str, Any]:
     room, now = ctx.room, ctx.now
     _member(room, actor)
     if req.user_id in room.banned and not (_is_leader(room, actor) or actor.is_admin):
@@ -1089,7 +577,7 @@ def _invite(ctx: _Ctx, actor: Actor, req: _InviteReq) -> dict[str, Any]:
     }
 
 
-def _kick(ctx: _Ctx, actor: Actor, req: _UserReq) -> dict[str, Any]:
+def _kick(ctx: _Ctx, actor: Actor, req: UserReq) -> dict[str, Any]:
     room = ctx.room
     _require_leader(room, actor, admin_ok=True)
     if req.user_id == actor.user_id:
@@ -1108,7 +596,7 @@ def _kick(ctx: _Ctx, actor: Actor, req: _UserReq) -> dict[str, Any]:
     return {"room_id": room.room_id, "user_id": target.user_id}
 
 
-def _transfer(ctx: _Ctx, actor: Actor, req: _UserReq) -> dict[str, Any]:
+def _transfer(ctx: _Ctx, actor: Actor, req: UserReq) -> dict[str, Any]:
     room = ctx.room
     _require_leader(room, actor, admin_ok=True)
     target = room.members.get(req.user_id)
@@ -1126,7 +614,7 @@ def _transfer(ctx: _Ctx, actor: Actor, req: _UserReq) -> dict[str, Any]:
     return {"room_id": room.room_id, "leader_id": room.leader_id}
 
 
-def _chat(ctx: _Ctx, actor: Actor, req: _ChatReq) -> dict[str, Any]:
+def _chat(ctx: _Ctx, actor: Actor, req: ChatReq) -> dict[str, Any]:
     room, now, s = ctx.room, ctx.now, ctx.settings
     _member(room, actor)
     text = req.message
@@ -1155,23 +643,23 @@ def _chat(ctx: _Ctx, actor: Actor, req: _ChatReq) -> dict[str, Any]:
     return {"message_id": msg["message_id"], "timestamp": now}
 
 
-def _play(ctx: _Ctx, actor: Actor, req: _ControlReq) -> dict[str, Any]:
+def _play(ctx: _Ctx, actor: Actor, req: ControlReq) -> dict[str, Any]:
     room = ctx.room
     _require_control(room, actor)
     if _is_stale(room, req.command_seq) or room.state in (PLAYING, WAITING):
         return _unchanged(ctx)
-    if _waiting_on(room, ctx.settings):
+    if waiting_on(room, ctx.settings):
         room.state = WAITING
         room.updated_at = ctx.now
         room.updated_by = actor.user_id
-        ctx.log("wait", actor.user_id, waiting_on=_waiting_on(room, ctx.settings))
+        ctx.log("wait", actor.user_id, waiting_on=waiting_on(room, ctx.settings))
         ctx.publish_state()
     else:
         _start_playing(ctx, actor.user_id)
     return _state_reply(ctx)
 
 
-def _pause(ctx: _Ctx, actor: Actor, req: _PauseReq) -> dict[str, Any]:
+def _pause(ctx: _Ctx, actor: Actor, req: PauseReq) -> dict[str, Any]:
     room = ctx.room
     _require_control(room, actor)
     if _is_stale(room, req.command_seq) or room.state == PAUSED:
@@ -1181,7 +669,7 @@ def _pause(ctx: _Ctx, actor: Actor, req: _PauseReq) -> dict[str, Any]:
     return _state_reply(ctx)
 
 
-def _seek(ctx: _Ctx, actor: Actor, req: _SeekReq) -> dict[str, Any]:
+def _seek(ctx: _Ctx, actor: Actor, req: SeekReq) -> dict[str, Any]:
     room, now = ctx.room, ctx.now
     _require_control(room, actor)
     target = round(req.position, 3)
@@ -1189,10 +677,10 @@ def _seek(ctx: _Ctx, actor: Actor, req: _SeekReq) -> dict[str, Any]:
     duplicate = (
         last is not None
         and last["command"] == "seek"
-        and abs(last["position"] - target) < _EPS_POS
+        and abs(last["position"] - target) < EPS_POS
         and now < last["when"] + ctx.settings.duplicate_window_ms
     )
-    standing_there = room.state != PLAYING and abs(room.position - target) < _EPS_POS
+    standing_there = room.state != PLAYING and abs(room.position - target) < EPS_POS
     if _is_stale(room, req.command_seq) or duplicate or standing_there:
         return _unchanged(ctx)
     when = now + lead_ms(room, ctx.settings)
@@ -1205,7 +693,7 @@ def _seek(ctx: _Ctx, actor: Actor, req: _SeekReq) -> dict[str, Any]:
     return _state_reply(ctx)
 
 
-def _rate(ctx: _Ctx, actor: Actor, req: _RateReq) -> dict[str, Any]:
+def _rate(ctx: _Ctx, actor: Actor, req: RateReq) -> dict[str, Any]:
     room, now = ctx.room, ctx.now
     _require_control(room, actor)
     if _is_stale(room, req.command_seq) or abs(req.rate - room.rate) < 1e-9:
@@ -1220,7 +708,7 @@ def _rate(ctx: _Ctx, actor: Actor, req: _RateReq) -> dict[str, Any]:
     return _state_reply(ctx)
 
 
-def _set_content(ctx: _Ctx, actor: Actor, req: _SetContentReq) -> dict[str, Any]:
+def _set_content(ctx: _Ctx, actor: Actor, req: SetContentReq) -> dict[str, Any]:
     room, now = ctx.room, ctx.now
     _require_control(room, actor)
     content = {"type": req.content.type, "id": req.content.id}
@@ -1240,13 +728,13 @@ def _set_content(ctx: _Ctx, actor: Actor, req: _SetContentReq) -> dict[str, Any]
     ctx.log("content", actor.user_id, content=content)
     ctx.publish("syncplay.room_updated", {"room": room.view()})
     # Everyone is loading the new content: members' views must say so.
-    for m in _by_seniority(room.members.values()):
+    for m in by_seniority(room.members.values()):
         ctx.publish_member(m)
     ctx.publish_state()
     return _state_reply(ctx)
 
 
-def _buffering(ctx: _Ctx, actor: Actor, req: _PositionReq) -> dict[str, Any]:
+def _buffering(ctx: _Ctx, actor: Actor, req: PositionReq) -> dict[str, Any]:
     room, now, s = ctx.room, ctx.now, ctx.settings
     m = _player(room, actor)
     if m.is_buffering:
@@ -1260,7 +748,7 @@ def _buffering(ctx: _Ctx, actor: Actor, req: _PositionReq) -> dict[str, Any]:
         m.not_ready_since = now
     ctx.log("buffer_start", m.user_id, position=req.position)
     ctx.publish_member(m)
-    if room.state == PLAYING and was_ready and _blocks(m, s):
+    if room.state == PLAYING and was_ready and blocks(m, s):
         # Stop where the stalled member is, but never more than the threshold behind, so one
         # confused player cannot throw everyone far back.
         timeline = room.position_at(now)
@@ -1273,7 +761,7 @@ def _buffering(ctx: _Ctx, actor: Actor, req: _PositionReq) -> dict[str, Any]:
     return _state_reply(ctx)
 
 
-def _ready(ctx: _Ctx, actor: Actor, req: _PositionReq) -> dict[str, Any]:
+def _ready(ctx: _Ctx, actor: Actor, req: PositionReq) -> dict[str, Any]:
     room = ctx.room
     m = _player(room, actor)
     if m.is_ready and not m.is_buffering:
@@ -1289,7 +777,7 @@ def _ready(ctx: _Ctx, actor: Actor, req: _PositionReq) -> dict[str, Any]:
     return _state_reply(ctx)
 
 
-def _ignore_wait(ctx: _Ctx, actor: Actor, req: _IgnoreWaitReq) -> dict[str, Any]:
+def _ignore_wait(ctx: _Ctx, actor: Actor, req: IgnoreWaitReq) -> dict[str, Any]:
     m = _player(ctx.room, actor)
     if m.ignore_wait == req.ignore:
         return _unchanged(ctx)
@@ -1300,7 +788,7 @@ def _ignore_wait(ctx: _Ctx, actor: Actor, req: _IgnoreWaitReq) -> dict[str, Any]
     return _state_reply(ctx)
 
 
-def _report(ctx: _Ctx, actor: Actor, req: _ReportReq) -> dict[str, Any]:
+def _report(ctx: _Ctx, actor: Actor, req: ReportReq) -> dict[str, Any]:
     """Judge a member's report; store it only when that matters.
 
     Reports arrive every 5 s from every member, so most of them must not cost a write: one is
@@ -1357,25 +845,25 @@ def _report(ctx: _Ctx, actor: Actor, req: _ReportReq) -> dict[str, Any]:
 
 _Op = Callable[[_Ctx, Actor, Any], dict[str, Any]]
 
-_OPS: Final[dict[str, tuple[type[_Req], _Op | None]]] = {
-    "create": (_CreateReq, None),
-    "join": (_JoinReq, _join),
-    "leave": (_RoomReq, _leave),
-    "end": (_RoomReq, _end_op),
-    "update": (_UpdateReq, _update),
-    "invite": (_InviteReq, _invite),
-    "kick": (_UserReq, _kick),
-    "transfer": (_UserReq, _transfer),
-    "chat": (_ChatReq, _chat),
-    "play": (_ControlReq, _play),
-    "pause": (_PauseReq, _pause),
-    "seek": (_SeekReq, _seek),
-    "rate": (_RateReq, _rate),
-    "set_content": (_SetContentReq, _set_content),
-    "buffering": (_PositionReq, _buffering),
-    "ready": (_PositionReq, _ready),
-    "ignore_wait": (_IgnoreWaitReq, _ignore_wait),
-    "report": (_ReportReq, _report),
+_OPS: Final[dict[str, tuple[type[Req], _Op | None]]] = {
+    "create": (CreateReq, None),
+    "join": (JoinReq, _join),
+    "leave": (RoomReq, _leave),
+    "end": (RoomReq, _end_op),
+    "update": (UpdateReq, _update),
+    "invite": (InviteReq, _invite),
+    "kick": (UserReq, _kick),
+    "transfer": (UserReq, _transfer),
+    "chat": (ChatReq, _chat),
+    "play": (ControlReq, _play),
+    "pause": (PauseReq, _pause),
+    "seek": (SeekReq, _seek),
+    "rate": (RateReq, _rate),
+    "set_content": (SetContentReq, _set_content),
+    "buffering": (PositionReq, _buffering),
+    "ready": (PositionReq, _ready),
+    "ignore_wait": (IgnoreWaitReq, _ignore_wait),
+    "report": (ReportReq, _report),
 }
 
 #: Every request :func:`handle` serves (``syncplay.list`` is :func:`list_rooms`).
@@ -1411,7 +899,7 @@ def handle(
     if spec is None:
         raise RequestError(ErrorCode.UNKNOWN_TYPE, f"unknown request type {request_type!r}")
     model, op = spec
-    req = _validate(model, data, name)
+    req = validate(model, data, name)
     if op is None:
         return _create(actor, req, now_ms, settings, ids)
     rid = getattr(req, "room_id", None)
@@ -1458,10 +946,11 @@ def disconnect(
     now_ms: float,
     *,
     settings: Settings = DEFAULT_SETTINGS,
+    ids: IdSource = SECURE_IDS,
 ) -> Outcome:
     """The node saw ``session_id`` close. The member stops blocking and, unless it joins again
     within ``reconnect_grace_ms``, :func:`tick` removes it. A stale session is ignored."""
-    ctx = _Ctx(room, now_ms, settings, SECURE_IDS)
+    ctx = _Ctx(room, now_ms, settings, ids)
     m = room.members.get(user_id)
     if room.ended or m is None or m.session_id != session_id or m.disconnected_at is not None:
         return ctx.outcome({}, changed=False)
@@ -1473,12 +962,18 @@ def disconnect(
     return ctx.outcome({})
 
 
-def tick(room: Room, now_ms: float, *, settings: Settings = DEFAULT_SETTINGS) -> Outcome:
+def tick(
+    room: Room,
+    now_ms: float,
+    *,
+    settings: Settings = DEFAULT_SETTINGS,
+    ids: IdSource = SECURE_IDS,
+) -> Outcome:
     """Apply every timeout due at ``now_ms``: idle end, silent and disconnected members,
     buffering timeouts (then a waiting room starts), expired invitations, old chat-rate
     entries; and record ``Room.due_at`` when it differs from :func:`next_deadline`.
     Idempotent; ``changed`` is False when nothing was due and ``due_at`` was right."""
-    ctx = _Ctx(room, now_ms, settings, SECURE_IDS)
+    ctx = _Ctx(room, now_ms, settings, ids)
     if room.ended:
         return ctx.outcome({}, changed=False)
     s = settings
@@ -1487,7 +982,7 @@ def tick(room: Room, now_ms: float, *, settings: Settings = DEFAULT_SETTINGS) ->
         _end(ctx, "idle")
         return ctx.outcome({})
 
-    for m in _by_seniority(list(room.members.values())):
+    for m in by_seniority(list(room.members.values())):
         silent = now_ms - m.last_seen_at
         if s.member_remove_ms > 0 and silent >= s.member_remove_ms:
             _remove_member(ctx, m.user_id, "timeout")
@@ -1506,10 +1001,10 @@ def tick(room: Room, now_ms: float, *, settings: Settings = DEFAULT_SETTINGS) ->
 
     timed_out = [
         m
-        for m in _by_seniority(room.members.values())
-        if _blocks(m, s)
+        for m in by_seniority(room.members.values())
+        if blocks(m, s)
         and m.not_ready_since is not None
-        and now_ms >= m.not_ready_since + _wait_timeout(m, s)
+        and now_ms >= m.not_ready_since + wait_timeout(m, s)
     ]
     if timed_out:
         changed = True
@@ -1524,7 +1019,7 @@ def tick(room: Room, now_ms: float, *, settings: Settings = DEFAULT_SETTINGS) ->
         )
         _resume_if_unblocked(ctx, room.updated_by)
 
-    if any(i.expires_at <= now_ms for i in room.invites.values()):
+    if any(i.expired(now_ms) for i in room.invites.values()):
         _prune_invites(room, now_ms)
         changed = True
     for uid, times in list(room.chat_times.items()):
@@ -1539,7 +1034,7 @@ def tick(room: Room, now_ms: float, *, settings: Settings = DEFAULT_SETTINGS) ->
 
 
 def _prune_invites(room: Room, now_ms: float) -> None:
-    for code in [c for c, i in room.invites.items() if i.expires_at <= now_ms]:
+    for code in [c for c, i in room.invites.items() if i.expired(now_ms)]:
         del room.invites[code]
 
 
@@ -1559,8 +1054,8 @@ def next_deadline(room: Room, settings: Settings = DEFAULT_SETTINGS) -> float | 
             due.append(m.disconnected_at + s.reconnect_grace_ms)
         if m.connected and s.member_stale_ms > 0:
             due.append(m.last_seen_at + s.member_stale_ms)
-        if _blocks(m, s) and m.not_ready_since is not None:
-            due.append(m.not_ready_since + _wait_timeout(m, s))
+        if blocks(m, s) and m.not_ready_since is not None:
+            due.append(m.not_ready_since + wait_timeout(m, s))
     return min(due)
 
 

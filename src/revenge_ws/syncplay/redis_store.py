@@ -33,7 +33,8 @@ from ..codes import ErrorCode
 from ..exceptions import RequestError
 from ..protocol import now_ms
 from ..redis_errors import RedisErrorPolicy, redis_call
-from .machine import SECURE_IDS, IdSource, Room
+from .ids import SECURE_IDS, IdSource
+from .model import Room, invite_key
 
 __all__ = ["RedisRoomStore"]
 
@@ -278,17 +279,14 @@ class RedisRoomStore:
         return await self._write(room, str(room.version), set(room.invites)) == "ok"
 
     async def find_invite(self, code: str, now_ms: float) -> Room | None:
-        code = code.replace("-", "").replace(" ", "").upper()
+        code = invite_key(code)
         room_id = await self._run(self._redis.get(self._invite_key(code)))
         if room_id is None:
             return None
         room = await self.get(_text(room_id))
         if room is None:
             return None
-        invite = room.invites.get(code)
-        if invite is None or invite.expires_at <= now_ms:
-            return None
-        return room
+        return None if room.live_invite(code, now_ms) is None else room
 
 
 def _text(value: bytes | str) -> str:

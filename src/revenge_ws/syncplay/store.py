@@ -28,7 +28,8 @@ from typing import Any, Protocol, TypeVar
 
 from ..codes import ErrorCode
 from ..exceptions import RequestError
-from .machine import SECURE_IDS, IdSource, Room
+from .ids import SECURE_IDS, IdSource
+from .model import Room, invite_key
 
 __all__ = ["MemoryRoomStore", "RoomStore"]
 
@@ -209,15 +210,12 @@ class MemoryRoomStore:
         return True
 
     async def find_invite(self, code: str, now_ms: float) -> Room | None:
-        code = code.replace("-", "").replace(" ", "").upper()
+        code = invite_key(code)
         room_id = self._invites.get(code)
         room = None if room_id is None else await self.get(room_id)
         if room is None:
             return None
-        invite = room.invites.get(code)
-        if invite is None or invite.expires_at <= now_ms:
-            return None
-        return room
+        return None if room.live_invite(code, now_ms) is None else room
 
     # -- internals
 
