@@ -880,7 +880,7 @@ def storm_section(storm: dict[str, Any], png_name: str | None) -> list[str]:
     a("")
     a(
         "Each scenario's run (hub commit, source, start, load average) is in the table. "
-        "Goals: every user back ≤ {storm.get('goal_s'):g} s after "
+        f"Goals: every user back ≤ {storm.get('goal_s'):g} s after "
         f"the node listens (moonshot ≤ {storm.get('moonshot_s'):g} s), 0 give-ups, 0 gaps, "
         "presence publications during the storm ≤ storm seconds / "
         f"{storm.get('presence_window_s'):g} s + 2."
@@ -1017,6 +1017,8 @@ def storm_section(storm: dict[str, Any], png_name: str | None) -> list[str]:
     for k in names:
         r = sc[k]
         a(f"- **({k})** outcomes: {_kinds(r.get('outcomes') or {})}.")
+        if r.get("note"):
+            a(f"  Note: {r['note']}.")
         if r.get("gap_kinds"):
             a(f"  Gaps: {_kinds(r['gap_kinds'])}.")
         if r.get("gave_up_reasons"):
@@ -1049,15 +1051,21 @@ def plot_storm(storm: dict[str, Any], path: Path) -> None:
             continue
         xs = [0.0, *acks]
         ys = list(range(len(xs)))
-        ax.step(xs, ys, where="post", color=STORM_COLORS.get(k), label=f"({k}) {r['title']}")
+        ax.step(
+            xs,
+            ys,
+            where="post",
+            color=STORM_COLORS.get(k),
+            label=f"({k}) {r['title']}: {r.get('back', 0):,} of {r.get('movers', 0):,} back",
+        )
         ax.axhline(r.get("movers", 0), color=STORM_COLORS.get(k), ls=":", lw=0.8)
     ax.axvline(storm.get("moonshot_s", 10), color="gray", ls="--", lw=1)
     ax.axvline(storm.get("goal_s", 15), color="green", ls="--", lw=1)
     ax.set_xlabel("seconds since t0 (new node listening; (c): the SIGKILL)")
     ax.set_ylabel("users back (subscribe ack received)")
     ax.set_title(
-        f"Reconnect storm: {storm.get('clients', 0):,} users — goal 15 s (green), "
-        "moonshot 10 s (gray)",
+        "Reconnect storm: users back over time (dotted: users to come back) — goal 15 s "
+        "(green), moonshot 10 s (gray)",
         fontsize=10,
     )
     ax.grid(True, alpha=0.3)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -235,9 +236,10 @@ def log_summary(server: Server) -> dict[str, Any]:
             for level in ("WARNING", "ERROR", "CRITICAL", "Traceback"):
                 if level in line:
                     levels[level] += 1
-                    # The message without its variable tail (ids, numbers).
-                    msg = line.split(level, 1)[1].strip(" :]-")[:90]
-                    texts["".join(ch for ch in msg if not ch.isdigit())] += 1
+                    # The message without what varies (ids, numbers).
+                    msg = line.split(level, 1)[1].strip(" :]-")
+                    msg = re.sub(r"\b(?=\w*\d)\w{6,}\b", "…", msg)
+                    texts[re.sub(r"\d+", "N", msg)[:90]] += 1
                     break
     return {"levels": dict(levels), "top": texts.most_common(6)}
 
