@@ -51,9 +51,18 @@ from ..codes import CloseCode, ErrorCode
 from ..core.connection import Connection
 from ..core.node import Node
 from ..protocol import SUBPROTOCOL, now_ms
+from .admission import (
+    EXACT_PATH,
+    KEYED_PATHS,
+    Upgrade,
+    admit,
+    control_frame,
+    endpoint_opened,
+    enter_handshake,
+)
 from .errors import Refusal
 from .logs import log_access
-from .ws import CLOSE_TIMEOUT, Upgrade, admit, control_frame, endpoint_opened, enter_handshake
+from .ws import CLOSE_TIMEOUT
 
 __all__ = ["Engine", "Socket"]
 
@@ -66,9 +75,6 @@ _WS_LOG.setLevel(logging.INFO)
 _PING_FRAME = b"\x89\x00"
 _PONG = 0x8A
 _UPGRADE = re.compile(rb"(?im)^upgrade:[ \t]*websocket[ \t]*\r?$")
-#: The hub's WebSocket paths: exact, or a prefix and one path segment (room, job).
-_EXACT = "/api/v1/ws"
-_SEGMENT = {"/api/v1/ws/playback/": "room_id", "/api/v1/ws/transcode/": "job_id"}
 _ECHO = "/debug/echo"
 
 
@@ -157,11 +163,11 @@ class Engine:
     def route(self, target: str) -> Route | None:
         """The :data:`Route` of one of our paths, else None."""
         path = target.partition("?")[0]
-        if path == _EXACT:
+        if path == EXACT_PATH:
             return "hub", None, None
         if self.echo and path == _ECHO:
             return "echo", None, None
-        for prefix, name in _SEGMENT.items():
+        for prefix, name in KEYED_PATHS.items():
             if path.startswith(prefix):
                 segment = path[len(prefix) :]
                 if not segment or "/" in segment:
@@ -226,7 +232,7 @@ class Socket(asyncio.Protocol):
             logger=_WS_LOG,
         )
         self._kind = "hub"
-        self._path = _EXACT
+        self._path = EXACT_PATH
         self.conn: Connection | None = None
         #: Frames that arrived while a request was being handled (requests run in order).
         self._backlog: deque[Frame] | None = None

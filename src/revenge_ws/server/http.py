@@ -29,8 +29,9 @@ from ..exceptions import (
     ProtocolError,
 )
 from ..protocol import StreamPosition, now_ms
+from .admission import extract_token
 from .errors import UNAVAILABLE_ERRORS, error_response, unavailable_response
-from .ws import NODE, extract_token, websocket_handler
+from .ws import NODE, websocket_handler
 
 __all__ = [
     "BodyTimeout",
