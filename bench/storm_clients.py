@@ -41,6 +41,7 @@ from .wsclient import HandshakeRefused, Stats, WSClient, build_request
 
 __all__ = [
     "LIBRARIES",
+    "ClosedEarly",
     "StormConn",
     "StormRefused",
     "User",
@@ -75,6 +76,15 @@ class StormRefused(HandshakeRefused):
     def __init__(self, status: int, retry_after: float | None, window: float | None) -> None:
         super().__init__(status, retry_after)
         self.window = window
+
+
+class ClosedEarly(ConnectionError):
+    """The server closed the WebSocket before the ``welcome`` (code, reason)."""
+
+    def __init__(self, code: int | None, reason: str) -> None:
+        super().__init__(f"closed with {code} before the welcome")
+        self.code = code
+        self.reason = reason
 
 
 class User:
@@ -354,6 +364,11 @@ async def open_conn(
     )
     try:
         await asyncio.wait_for(proto.ready_fut, timeout)
+    except ConnectionError as exc:
+        transport.abort()
+        if proto.close_code is not None:
+            raise ClosedEarly(proto.close_code, proto.close_reason) from exc
+        raise
     except BaseException:
         transport.abort()
         raise
@@ -544,14 +559,17 @@ class Storm:
                 except (OSError, TimeoutError, ConnectionError) as exc:
                     stage = "before the welcome" if nc is None else "before the ack"
                     self.outcomes[f"{type(exc).__name__} {stage}"] += 1
-                    code = None
-                    if nc is not None:
+                    code, w = None, None
+                    if isinstance(exc, ClosedEarly):  # a close frame: its code and window
+                        code = exc.code
+                        w = advised_window(exc.reason, self.policy.max_window)
+                    elif nc is not None:
                         code = nc.close_code
                         if nc.transport is not None:
                             nc.transport.abort()
                         w = advised_window(nc.close_reason, self.policy.max_window)
-                    else:
-                        w = None
+                    if isinstance(exc, ClosedEarly) or (nc is not None and code is not None):
+                        self.outcomes[f"closed with {code} before being back"] += 1
                     delay = reconnect_delay(self.policy, attempt, self.rng, code=code, window=w)
                     attempt += 1
                     continue
