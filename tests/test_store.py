@@ -32,16 +32,16 @@ __all__ = ["backend", "pg_database", "store", "unreachable_store"]
 T0 = 1_700_000_000_000  # 2023-11-14T22:13:20Z, in the past of any test run
 DAY = 86_400_000
 WIRE_KEYS = {
+    "action_url",
+    "body",
+    "content_id",
+    "created_at",
+    "icon_url",
     "id",
     "notification_type",
-    "title",
-    "body",
     "priority",
-    "content_id",
-    "icon_url",
-    "action_url",
-    "created_at",
     "read",
+    "title",
 }
 
 
@@ -216,7 +216,8 @@ async def test_create_many_is_all_or_nothing(
     backend: Backend, store: NotificationStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Every row gets the same id: the second insert violates the primary key.
-    monkeypatch.setattr(f"{backend.module}.new_id", lambda ms: "01J00000000000000000000000")
+    for minter in ("revenge_ws.store.base.new_id", f"{backend.module}.new_id"):
+        monkeypatch.setattr(minter, lambda ms: "01J00000000000000000000000", raising=False)
     with pytest.raises(StoreError) as info:
         await notify(store, ["u1", "u2"], dedupe_key="k")
     assert not isinstance(info.value, StoreUnavailable)
@@ -305,11 +306,11 @@ async def test_another_users_notifications_are_out_of_reach(store: NotificationS
     assert await store.mark_read("bob", [secret.id]) == []
     assert await store.get("bob", secret.id) is None
     assert await store.read_all("bob", now_ms=T0) == 1
-    items, unread = await store.list("bob")
+    items, unread = await store.list_notifications("bob")
     assert [n.id for n in items] == [mine.id]
     assert unread == 0
     with pytest.raises(RequestError) as info:
-        await store.list("bob", before=secret.id)
+        await store.list_notifications("bob", before=secret.id)
     assert info.value.code is ErrorCode.NOT_FOUND
     # Alice's notification is untouched.
     got = await store.get("alice", secret.id)
@@ -341,11 +342,11 @@ async def test_mark_read_and_read_all(store: NotificationStore) -> None:
     assert got.read_at == T0 + 100
     assert await store.mark_read("alice", []) == []
 
-    _, unread = await store.list("alice")
+    _, unread = await store.list_notifications("alice")
     assert unread == 2
     assert await store.read_all("alice", now_ms=T0 + 200) == 2
     assert await store.read_all("alice") == 0
-    items, unread = await store.list("alice", unread_only=True)
+    items, unread = await store.list_notifications("alice", unread_only=True)
     assert (items, unread) == ([], 0)
     got = await store.get("alice", c.id)
     assert got is not None
@@ -371,7 +372,7 @@ async def test_list_pages_newest_first_without_gaps(store: NotificationStore) ->
     seen: list[str] = []
     before: str | None = None
     while True:
-        items, unread = await store.list("alice", limit=7, before=before)
+        items, unread = await store.list_notifications("alice", limit=7, before=before)
         assert unread == 25
         if not items:
             break
@@ -380,32 +381,34 @@ async def test_list_pages_newest_first_without_gaps(store: NotificationStore) ->
         before = items[-1].id
     assert seen == expected
 
-    everything, _ = await store.list("alice", limit=200)
+    everything, _ = await store.list_notifications("alice", limit=200)
     assert [n.id for n in everything] == expected
 
 
 async def test_list_unread_only_and_count(store: NotificationStore) -> None:
     created = [await one(store, now_ms=T0 + i) for i in range(6)]
     await store.mark_read("alice", [created[1].id, created[4].id], now_ms=T0 + 10)
-    items, unread = await store.list("alice", unread_only=True)
+    items, unread = await store.list_notifications("alice", unread_only=True)
     assert [n.id for n in items] == [created[i].id for i in (5, 3, 2, 0)]
     assert unread == 4
-    items, unread = await store.list("alice", unread_only=True, limit=2, before=created[3].id)
+    items, unread = await store.list_notifications(
+        "alice", unread_only=True, limit=2, before=created[3].id
+    )
     assert [n.id for n in items] == [created[2].id, created[0].id]
     # A read notification is still a valid cursor for an unread-only listing.
-    items, _ = await store.list("alice", unread_only=True, before=created[4].id)
+    items, _ = await store.list_notifications("alice", unread_only=True, before=created[4].id)
     assert [n.id for n in items] == [created[i].id for i in (3, 2, 0)]
-    items, unread = await store.list("alice", limit=1)
+    items, unread = await store.list_notifications("alice", limit=1)
     assert [n.id for n in items] == [created[5].id]
     assert unread == 4
 
 
 async def test_list_before_a_time(store: NotificationStore) -> None:
     created = [await one(store, now_ms=T0 + i * 1000) for i in range(5)]
-    items, _ = await store.list("alice", before=ms_to_rfc3339(T0 + 3000))
+    items, _ = await store.list_notifications("alice", before=ms_to_rfc3339(T0 + 3000))
     assert [n.id for n in items] == [created[2].id, created[1].id, created[0].id]
     # Any offset works: the same instant written in another zone.
-    items, _ = await store.list("alice", before="2023-11-14T23:13:22.500+01:00")
+    items, _ = await store.list_notifications("alice", before="2023-11-14T23:13:22.500+01:00")
     assert [n.id for n in items] == [created[2].id, created[1].id, created[0].id]
 
 
@@ -426,14 +429,14 @@ async def test_list_rejects_bad_arguments(
     store: NotificationStore, limit: Any, before: str | None, code: ErrorCode
 ) -> None:
     with pytest.raises(RequestError) as info:
-        await store.list("alice", limit=limit, before=before)
+        await store.list_notifications("alice", limit=limit, before=before)
     assert info.value.code is code
 
 
 async def test_list_limit_bounds_are_inclusive(store: NotificationStore) -> None:
     await one(store)
-    assert len((await store.list("alice", limit=1))[0]) == 1
-    assert len((await store.list("alice", limit=200))[0]) == 1
+    assert len((await store.list_notifications("alice", limit=1))[0]) == 1
+    assert len((await store.list_notifications("alice", limit=200))[0]) == 1
 
 
 # -- preferences ---------------------------------------------------------------------------
@@ -466,7 +469,7 @@ async def test_preferences(store: NotificationStore) -> None:
 async def test_muted_type_is_still_stored_and_listed(store: NotificationStore) -> None:
     await store.set_preferences("alice", {"content.new_movie": False})
     n = await one(store)
-    items, unread = await store.list("alice")
+    items, unread = await store.list_notifications("alice")
     assert [i.id for i in items] == [n.id]
     assert unread == 1
 
@@ -485,7 +488,7 @@ async def test_cleanup_keeps_critical_for_a_year(store: NotificationStore) -> No
     await store.read_all("alice", now_ms=now)
 
     assert await store.cleanup(now_ms=now) == 3
-    items, _ = await store.list("alice")
+    items, _ = await store.list_notifications("alice")
     assert {n.id for n in items} == {young_normal.id, exactly_90.id, old_critical.id}
     for gone in (old_normal, ancient_critical):
         assert await store.get("alice", gone.id) is None
@@ -504,7 +507,7 @@ async def test_cleanup_retention_is_configurable(backend: Backend) -> None:
     kept = await one(s, priority="critical", now_ms=now - DAY - 1)
     await one(s, priority="critical", now_ms=now - 2 * DAY - 1)
     assert await s.cleanup(now_ms=now) == 2
-    assert [n.id for n in (await s.list("alice"))[0]] == [kept.id]
+    assert [n.id for n in (await s.list_notifications("alice"))[0]] == [kept.id]
 
 
 async def test_cleanup_then_create_with_an_expired_key(store: NotificationStore) -> None:
@@ -563,7 +566,7 @@ async def test_concurrent_calls_on_one_store(store: NotificationStore) -> None:
     results = await asyncio.gather(
         *(notify(store, ["a", "b"], content_id="c1", now_ms=T0 + i) for i in range(8)),
         *(store.pending("a") for _ in range(4)),
-        *(store.list("b") for _ in range(4)),
+        *(store.list_notifications("b") for _ in range(4)),
     )
     creates: list[list[tuple[Notification, bool]]] = results[:8]  # type: ignore[assignment]
     assert sum(created for r in creates for _, created in r) == 2
@@ -598,7 +601,7 @@ async def test_unreachable_database_is_unavailable(unreachable_store: Notificati
     with pytest.raises(StoreUnavailable):
         await unreachable_store.ping()
     with pytest.raises(StoreUnavailable):
-        await unreachable_store.list("alice")
+        await unreachable_store.list_notifications("alice")
 
 
 async def test_write_lock_held_elsewhere_is_unavailable_then_recovers(backend: Backend) -> None:

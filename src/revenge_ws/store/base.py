@@ -10,20 +10,21 @@ format (RFC 3339) is produced only by :meth:`Notification.to_wire`.
 
 from __future__ import annotations
 
-import builtins
 import re
 import secrets
 import threading
-import time
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Final, Protocol, runtime_checkable
+from typing import Any, Final
 
 from ..codes import ErrorCode
 from ..exceptions import RequestError
+from ..protocol import now_ms
 
 __all__ = [
+    "COLUMNS",
     "DEFAULT_CRITICAL_RETENTION_DAYS",
     "DEFAULT_DEDUPE_WINDOW_MS",
     "DEFAULT_RETENTION_DAYS",
@@ -31,13 +32,15 @@ __all__ = [
     "PRIORITIES",
     "Notification",
     "NotificationStore",
+    "PageQuery",
     "dedupe_scope",
+    "for_users",
     "ms_to_rfc3339",
     "new_id",
-    "now_ms",
     "parse_before",
     "parse_rfc3339",
     "redact_url",
+    "stamp",
     "validate_new",
     "validate_preferences",
 ]
@@ -53,6 +56,24 @@ _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _ID_RE: Final = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 _MAX_ID_MS: Final = (1 << 48) - 1
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+#: The columns of a notification row, in the order :meth:`Notification.from_row` reads them.
+COLUMNS: Final = (
+    "id",
+    "user_id",
+    "notification_type",
+    "title",
+    "body",
+    "priority",
+    "content_id",
+    "icon_url",
+    "action_url",
+    "created_at",
+    "is_read",
+    "read_at",
+    "acked",
+    "dedupe_key",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +97,26 @@ class Notification:
     acked: bool = False
     dedupe_key: str | None = None
 
+    @classmethod
+    def from_row(cls, r: Sequence[Any]) -> Notification:
+        """A row of :data:`COLUMNS` (either backend's; booleans may come as 0/1)."""
+        return cls(
+            id=r[0],
+            user_id=r[1],
+            notification_type=r[2],
+            title=r[3],
+            body=r[4],
+            priority=r[5],
+            content_id=r[6],
+            icon_url=r[7],
+            action_url=r[8],
+            created_at=r[9],
+            read=bool(r[10]),
+            read_at=r[11],
+            acked=bool(r[12]),
+            dedupe_key=r[13],
+        )
+
     def to_wire(self) -> dict[str, object]:
         """The ``data`` of a ``notification`` message (contract §5), and a ``list`` item."""
         return {
@@ -92,9 +133,24 @@ class Notification:
         }
 
 
-@runtime_checkable
-class NotificationStore(Protocol):
+@dataclass(frozen=True, slots=True)
+class PageQuery:
+    """A checked :meth:`NotificationStore.list_notifications` request: at most ``limit``,
+    unread ones only or all, after the notification ``before_id`` or created before
+    ``before_ms`` (at most one of the two)."""
+
+    unread_only: bool
+    limit: int
+    before_id: str | None
+    before_ms: int | None
+
+
+class NotificationStore(ABC):
     """Durable per-user notifications (contract §5 and §9).
+
+    The backends subclass it: the checks every backend makes the same way live here
+    (:meth:`create_many`, :meth:`list_notifications`); each backend writes and reads its
+    database in the abstract methods.
 
     Guarantees every implementation gives:
 
@@ -106,13 +162,23 @@ class NotificationStore(Protocol):
       reached (or the store is not started / already closed): retryable.
       :class:`~revenge_ws.exceptions.StoreError` for any other database failure.
       :class:`ValueError` for arguments a correct caller never passes (bad priority, empty
-      type...). :class:`~revenge_ws.exceptions.RequestError` only from :meth:`list`, for
-      arguments that come straight from a client (``limit``, ``before``).
+      type...). :class:`~revenge_ws.exceptions.RequestError` only from
+      :meth:`list_notifications`, for arguments that come straight from a client
+      (``limit``, ``before``).
     * **Order.** Notifications are ordered by ``(created_at, id)``. Ids are 26-character
       ULIDs whose time part is ``created_at``, and ids minted by one process in the same
       millisecond increase, so that order is also creation order.
     """
 
+    def __init__(
+        self, retention_days: float, critical_retention_days: float, dedupe_window_ms: int
+    ) -> None:
+        validate_retention(retention_days, critical_retention_days, dedupe_window_ms)
+        self.retention_days = retention_days
+        self.critical_retention_days = critical_retention_days
+        self.dedupe_window_ms = int(dedupe_window_ms)
+
+    @abstractmethod
     async def start(self) -> None:
         """Connect and create or migrate the schema. Calling it again is a no-op.
 
@@ -121,11 +187,13 @@ class NotificationStore(Protocol):
         """
         ...
 
+    @abstractmethod
     async def close(self) -> None:
         """Release every connection (and thread). Idempotent; later calls raise
         ``StoreUnavailable``."""
         ...
 
+    @abstractmethod
     async def ping(self) -> None:
         """Return when the database answers a query; raise ``StoreUnavailable`` otherwise."""
         ...
@@ -143,7 +211,7 @@ class NotificationStore(Protocol):
         action_url: str | None = None,
         dedupe_key: str | None = None,
         now_ms: float | None = None,
-    ) -> builtins.list[tuple[Notification, bool]]:
+    ) -> list[tuple[Notification, bool]]:
         """Store one notification per user; answer ``(notification, created)`` per user.
 
         Users appear once in the answer, in the order of their first occurrence in
@@ -160,30 +228,76 @@ class NotificationStore(Protocol):
 
         ``now_ms`` (default: the wall clock) becomes ``created_at``.
         """
+        users, ms = validate_new(user_ids, notification_type, title, priority, now_ms)
+        if not users:
+            return []
+        new = Notification(
+            id="",
+            user_id="",
+            notification_type=notification_type,
+            title=title,
+            body=body,
+            priority=priority,
+            content_id=content_id,
+            icon_url=icon_url,
+            action_url=action_url,
+            created_at=ms,
+            dedupe_key=dedupe_key,
+        )
+        fresh, existing = await self._create(
+            users, new, dedupe_scope(notification_type, content_id, dedupe_key)
+        )
+        return [(fresh[u], True) if u in fresh else (existing[u], False) for u in users]
+
+    @abstractmethod
+    async def _create(
+        self, users: list[str], new: Notification, scope: str | None
+    ) -> tuple[dict[str, Notification], dict[str, Notification]]:
+        """:meth:`create_many` in the database, in one transaction: ``(fresh, existing)``,
+        the notifications written (``new`` for each user with its own id, see
+        :func:`for_users`) and, for the users whose call was de-duplicated by ``scope``,
+        the notification they already have."""
         ...
 
     async def pending(
         self, user_id: str, limit: int = 100, *, exclude_types: Sequence[str] = ()
-    ) -> builtins.list[Notification]:
+    ) -> list[Notification]:
         """Notifications not yet acknowledged (nor read), oldest first, at most ``limit``.
 
         The hub sends these after every (re)connect until they are acked: at-least-once.
         ``exclude_types`` leaves out types the user muted in-app, so that muted rows cannot
         fill the ``limit`` and starve the others (the caller may also ack them).
         """
+        return await self._pending(user_id, validate_limit(limit), validate_ids(exclude_types))
+
+    @abstractmethod
+    async def _pending(self, user_id: str, limit: int, excluded: list[str]) -> list[Notification]:
+        """:meth:`pending` with checked arguments."""
         ...
 
     async def pending_many(
         self, user_ids: Sequence[str], limit: int = 100
-    ) -> dict[str, builtins.list[Notification]]:
+    ) -> dict[str, list[Notification]]:
         """:meth:`pending` of many users in one query, each user's muted types left out
         (their preferences with ``push`` off): ``{user_id: notifications}`` with an entry
         (maybe empty) for every user asked. A reconnect storm re-sends to thousands of
         users within seconds; one query per batch instead of two per user.
         """
+        validate_limit(limit)
+        out: dict[str, list[Notification]] = {}
+        for chunk in validate_users(user_ids):
+            out.update((u, []) for u in chunk)
+            for note in await self._pending_of(chunk, limit):
+                out[note.user_id].append(note)
+        return out
+
+    @abstractmethod
+    async def _pending_of(self, users: list[str], limit: int) -> list[Notification]:
+        """:meth:`pending_many` of at most :data:`PENDING_BATCH` users in one query."""
         ...
 
-    async def ack(self, user_id: str, ids: Sequence[str]) -> builtins.list[str]:
+    @abstractmethod
+    async def ack(self, user_id: str, ids: Sequence[str]) -> list[str]:
         """Mark these notifications delivered; answer the ids that belong to ``user_id``.
 
         Idempotent (an id acked before is answered again). Ids not answered do not exist
@@ -192,26 +306,28 @@ class NotificationStore(Protocol):
         """
         ...
 
+    @abstractmethod
     async def mark_read(
         self, user_id: str, ids: Sequence[str], *, now_ms: float | None = None
-    ) -> builtins.list[str]:
+    ) -> list[str]:
         """Mark these notifications read (and so delivered); same answer as :meth:`ack`.
 
         ``read_at`` keeps the time of the first read.
         """
         ...
 
+    @abstractmethod
     async def read_all(self, user_id: str, now_ms: float | None = None) -> int:
         """Mark every unread notification of the user read; answer how many changed."""
         ...
 
-    async def list(
+    async def list_notifications(
         self,
         user_id: str,
         unread_only: bool = False,
         limit: int = 50,
         before: str | None = None,
-    ) -> tuple[builtins.list[Notification], int]:
+    ) -> tuple[list[Notification], int]:
         """One page of the user's notifications, newest first, and the user's unread count.
 
         ``limit`` must be 1..200. ``before`` continues a listing:
@@ -226,12 +342,23 @@ class NotificationStore(Protocol):
         neither, and ``RequestError(NOT_FOUND)`` for an id this user does not have (deleted
         by retention, or another user's).
         """
+        before_id, before_ms = parse_before(before)
+        q = PageQuery(unread_only, validate_list_limit(limit), before_id, before_ms)
+        return await self._page(user_id, q)
+
+    @abstractmethod
+    async def _page(self, user_id: str, q: PageQuery) -> tuple[list[Notification], int]:
+        """:meth:`list_notifications` with checked arguments, in one consistent read: the
+        page and the unread count (raise :func:`unknown_cursor` when ``q.before_id`` names
+        no notification of the user)."""
         ...
 
+    @abstractmethod
     async def get(self, user_id: str, id: str) -> Notification | None:
         """The user's notification with this id, or None (also for another user's id)."""
         ...
 
+    @abstractmethod
     async def get_preferences(self, user_id: str) -> dict[str, bool]:
         """``notification_type`` → pushed in-app, for the types the user set explicitly.
 
@@ -240,10 +367,12 @@ class NotificationStore(Protocol):
         """
         ...
 
+    @abstractmethod
     async def set_preferences(self, user_id: str, prefs: Mapping[str, bool | None]) -> None:
         """Merge ``prefs`` into the user's preferences; ``None`` removes an entry."""
         ...
 
+    @abstractmethod
     async def cleanup(self, now_ms: float | None = None) -> int:
         """Delete notifications past retention; answer how many were deleted.
 
@@ -253,8 +382,19 @@ class NotificationStore(Protocol):
         ...
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
+def stamp(now: float | None) -> int:
+    """A store time: integer milliseconds of ``now``, or of the wall clock when None."""
+    return int(now_ms() if now is None else now)
+
+
+def for_users(
+    new: Notification, users: Sequence[str], ids: Mapping[str, str] | None = None
+) -> dict[str, Notification]:
+    """``new`` for each of ``users``, with the id given in ``ids`` or a fresh one."""
+    return {
+        u: replace(new, id=new_id(new.created_at) if ids is None else ids[u], user_id=u)
+        for u in users
+    }
 
 
 def ms_to_rfc3339(ms: int) -> str:
@@ -324,7 +464,7 @@ def validate_new(
     title: str,
     priority: str,
     now: float | None,
-) -> tuple[builtins.list[str], int]:
+) -> tuple[list[str], int]:
     """Check :meth:`NotificationStore.create_many` arguments; answer unique users and time."""
     if isinstance(user_ids, str):
         raise TypeError("user_ids must be a sequence of user ids, not one string")
@@ -339,11 +479,10 @@ def validate_new(
         raise ValueError("title must be a string")
     if priority not in PRIORITIES:
         raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
-    ms = now_ms() if now is None else int(now)
-    return builtins.list(unique), ms
+    return list(unique), stamp(now)
 
 
-def validate_ids(ids: Sequence[str]) -> builtins.list[str]:
+def validate_ids(ids: Sequence[str]) -> list[str]:
     """Unique ids in their first order; anything that is not a string is dropped.
 
     Dropping (instead of raising) lets the caller answer ``NOT_FOUND`` for such ids like for
@@ -351,14 +490,14 @@ def validate_ids(ids: Sequence[str]) -> builtins.list[str]:
     """
     if isinstance(ids, str):
         raise TypeError("ids must be a sequence of ids, not one string")
-    return builtins.list(dict.fromkeys(i for i in ids if isinstance(i, str)))
+    return list(dict.fromkeys(i for i in ids if isinstance(i, str)))
 
 
 #: Users per :meth:`NotificationStore.pending_many` query (bounds its bind parameters).
 PENDING_BATCH = 500
 
 
-def validate_users(user_ids: Sequence[str]) -> builtins.list[builtins.list[str]]:
+def validate_users(user_ids: Sequence[str]) -> list[list[str]]:
     """Unique user ids in chunks of at most :data:`PENDING_BATCH`."""
     users = validate_ids(user_ids)
     return [users[i : i + PENDING_BATCH] for i in range(0, len(users), PENDING_BATCH)]
@@ -415,7 +554,7 @@ def retention_cutoffs(
     now: float | None, retention_days: float, critical_retention_days: float
 ) -> tuple[int, int]:
     """``(normal, critical)``: rows created strictly before these times are past retention."""
-    ms = now_ms() if now is None else int(now)
+    ms = stamp(now)
     return ms - int(retention_days * DAY_MS), ms - int(critical_retention_days * DAY_MS)
 
 

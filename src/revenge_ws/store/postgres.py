@@ -20,7 +20,6 @@ when the store starts.
 from __future__ import annotations
 
 import asyncio
-import builtins
 import contextlib
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -28,46 +27,27 @@ from typing import Any, Final
 
 from ..exceptions import ConfigError, StoreError, StoreUnavailable
 from .base import (
+    COLUMNS,
     DEFAULT_CRITICAL_RETENTION_DAYS,
     DEFAULT_DEDUPE_WINDOW_MS,
     DEFAULT_RETENTION_DAYS,
     Notification,
-    dedupe_scope,
+    NotificationStore,
+    PageQuery,
+    for_users,
     new_id,
-    parse_before,
     redact_url,
     retention_cutoffs,
+    stamp,
     unknown_cursor,
     validate_ids,
-    validate_limit,
-    validate_list_limit,
-    validate_new,
     validate_preferences,
-    validate_retention,
-    validate_users,
 )
-from .base import now_ms as _now_ms
 
 __all__ = ["SCHEMA_VERSION", "PostgresNotificationStore"]
 
-_FIELDS: Final = (
-    "id",
-    "user_id",
-    "notification_type",
-    "title",
-    "body",
-    "priority",
-    "content_id",
-    "icon_url",
-    "action_url",
-    "created_at",
-    "is_read",
-    "read_at",
-    "acked",
-    "dedupe_key",
-)
-_COLUMNS: Final = ", ".join(_FIELDS)
-_N_COLUMNS: Final = ", ".join("n." + f for f in _FIELDS)
+_COLUMNS: Final = ", ".join(COLUMNS)
+_N_COLUMNS: Final = ", ".join("n." + f for f in COLUMNS)
 
 # Each entry migrates the schema from version i to i + 1; never edit a released entry.
 # "{s}" is the (validated) schema name.
@@ -134,25 +114,6 @@ _TRANSIENT_CLASSES: Final = frozenset({"08", "53", "57", "58"})
 _CLEANUP_BATCH: Final = 5000
 
 
-def _row(r: Any) -> Notification:
-    return Notification(
-        id=r[0],
-        user_id=r[1],
-        notification_type=r[2],
-        title=r[3],
-        body=r[4],
-        priority=r[5],
-        content_id=r[6],
-        icon_url=r[7],
-        action_url=r[8],
-        created_at=r[9],
-        read=r[10],
-        read_at=r[11],
-        acked=r[12],
-        dedupe_key=r[13],
-    )
-
-
 def _count(status: str) -> int:
     """The row count of a command tag such as ``UPDATE 3`` or ``DELETE 0``."""
     return int(status.rsplit(" ", 1)[-1])
@@ -169,7 +130,7 @@ def _import_asyncpg() -> Any:
     return asyncpg
 
 
-class PostgresNotificationStore:
+class PostgresNotificationStore(NotificationStore):
     """:class:`~revenge_ws.store.base.NotificationStore` in PostgreSQL.
 
     ``dsn`` is a libpq URL (``postgresql://user:password@host:5432/db``). The pool keeps
@@ -193,7 +154,7 @@ class PostgresNotificationStore:
         command_timeout: float = 10.0,
         close_timeout: float = 10.0,
     ) -> None:
-        validate_retention(retention_days, critical_retention_days, dedupe_window_ms)
+        super().__init__(retention_days, critical_retention_days, dedupe_window_ms)
         if not _SCHEMA_RE.fullmatch(schema):
             # It is interpolated into SQL: only plain lower-case identifiers are accepted.
             raise ValueError(f"invalid PostgreSQL schema name: {schema!r}")
@@ -201,9 +162,6 @@ class PostgresNotificationStore:
             raise ValueError("need 0 <= min_size <= max_size and max_size >= 1")
         self._dsn = dsn
         self.schema = schema
-        self.retention_days = retention_days
-        self.critical_retention_days = critical_retention_days
-        self.dedupe_window_ms = int(dedupe_window_ms)
         self._min_size = min_size
         self._max_size = max_size
         self._connect_timeout = connect_timeout
@@ -338,46 +296,16 @@ class PostgresNotificationStore:
 
     # -- writes ----------------------------------------------------------------------------
 
-    async def create_many(
-        self,
-        user_ids: Sequence[str],
-        *,
-        notification_type: str,
-        title: str,
-        body: str | None = None,
-        priority: str = "normal",
-        content_id: str | None = None,
-        icon_url: str | None = None,
-        action_url: str | None = None,
-        dedupe_key: str | None = None,
-        now_ms: float | None = None,
-    ) -> builtins.list[tuple[Notification, bool]]:
-        users, ms = validate_new(user_ids, notification_type, title, priority, now_ms)
-        if not users:
-            return []
-        scope = dedupe_scope(notification_type, content_id, dedupe_key)
+    async def _create(
+        self, users: list[str], new: Notification, scope: str | None
+    ) -> tuple[dict[str, Notification], dict[str, Notification]]:
+        ms = new.created_at
         ids = {u: new_id(ms) for u in users}
         existing: dict[str, Notification] = {}
         async with self._connection("creating notifications") as conn, conn.transaction():
             if scope is not None and self.dedupe_window_ms > 0:
                 existing = await self._dedupe(conn, sorted(users), ids, scope, ms)
-            fresh = {
-                u: Notification(
-                    id=ids[u],
-                    user_id=u,
-                    notification_type=notification_type,
-                    title=title,
-                    body=body,
-                    priority=priority,
-                    content_id=content_id,
-                    icon_url=icon_url,
-                    action_url=action_url,
-                    created_at=ms,
-                    dedupe_key=dedupe_key,
-                )
-                for u in users
-                if u not in existing
-            }
+            fresh = for_users(new, [u for u in users if u not in existing], ids)
             if fresh:
                 await conn.execute(
                     self._sql(
@@ -389,21 +317,21 @@ class PostgresNotificationStore:
                         " FROM unnest($1::text[], $2::text[]) AS t(i, u)"
                     ),
                     [n.id for n in fresh.values()],
-                    builtins.list(fresh),
-                    notification_type,
-                    title,
-                    body,
-                    priority,
-                    content_id,
-                    icon_url,
-                    action_url,
+                    list(fresh),
+                    new.notification_type,
+                    new.title,
+                    new.body,
+                    new.priority,
+                    new.content_id,
+                    new.icon_url,
+                    new.action_url,
                     ms,
-                    dedupe_key,
+                    new.dedupe_key,
                 )
-        return [(fresh[u], True) if u in fresh else (existing[u], False) for u in users]
+        return fresh, existing
 
     async def _dedupe(
-        self, conn: Any, users: builtins.list[str], ids: dict[str, str], scope: str, ms: int
+        self, conn: Any, users: list[str], ids: dict[str, str], scope: str, ms: int
     ) -> dict[str, Notification]:
         """Claim the scope for each user; answer the existing notification of those who lost."""
         claimed = await conn.fetch(
@@ -439,7 +367,7 @@ class PostgresNotificationStore:
             scope,
             lost,
         )
-        existing = {r[1]: _row(r) for r in rows}
+        existing = {r[1]: Notification.from_row(r) for r in rows}
         orphans = [u for u in lost if u not in existing]
         if orphans:
             # The row points at a notification deleted behind our back (retention never
@@ -461,7 +389,7 @@ class PostgresNotificationStore:
 
     async def _owned(
         self, user_id: str, ids: Sequence[str], assign: str, unless: str, *args: object
-    ) -> builtins.list[str]:
+    ) -> list[str]:
         """Apply ``assign`` to the user's rows among ``ids``; answer which ids are the user's.
 
         Rows for which ``unless`` already holds are answered but not rewritten (no dead
@@ -487,20 +415,20 @@ class PostgresNotificationStore:
         owned = {r[0] for r in rows}
         return [i for i in wanted if i in owned]
 
-    async def ack(self, user_id: str, ids: Sequence[str]) -> builtins.list[str]:
+    async def ack(self, user_id: str, ids: Sequence[str]) -> list[str]:
         return await self._owned(user_id, ids, "acked = true", "acked")
 
     async def mark_read(
         self, user_id: str, ids: Sequence[str], *, now_ms: float | None = None
-    ) -> builtins.list[str]:
-        ms = _now_ms() if now_ms is None else int(now_ms)
+    ) -> list[str]:
+        ms = stamp(now_ms)
         # Only unread rows get read_at, so it keeps the time of the first read.
         return await self._owned(
             user_id, ids, "is_read = true, acked = true, read_at = $3::bigint", "is_read", ms
         )
 
     async def read_all(self, user_id: str, now_ms: float | None = None) -> int:
-        ms = _now_ms() if now_ms is None else int(now_ms)
+        ms = stamp(now_ms)
         async with self._connection("marking all read") as conn:
             status = await conn.execute(
                 self._sql(
@@ -538,12 +466,12 @@ class PostgresNotificationStore:
                         " DO UPDATE SET push = EXCLUDED.push"
                     ),
                     user_id,
-                    builtins.list(kept),
-                    builtins.list(kept.values()),
+                    list(kept),
+                    list(kept.values()),
                 )
 
     async def cleanup(self, now_ms: float | None = None) -> int:
-        ms = _now_ms() if now_ms is None else int(now_ms)
+        ms = stamp(now_ms)
         normal, critical = retention_cutoffs(ms, self.retention_days, self.critical_retention_days)
         deleted = 0
         async with self._connection("cleaning up") as conn:
@@ -574,11 +502,7 @@ class PostgresNotificationStore:
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def pending(
-        self, user_id: str, limit: int = 100, *, exclude_types: Sequence[str] = ()
-    ) -> builtins.list[Notification]:
-        validate_limit(limit)
-        excluded = validate_ids(exclude_types)
+    async def _pending(self, user_id: str, limit: int, excluded: list[str]) -> list[Notification]:
         async with self._connection("reading pending notifications") as conn:
             rows = await conn.fetch(
                 self._sql(
@@ -591,48 +515,32 @@ class PostgresNotificationStore:
                 limit,
                 excluded,
             )
-        return [_row(r) for r in rows]
+        return [Notification.from_row(r) for r in rows]
 
-    async def pending_many(
-        self, user_ids: Sequence[str], limit: int = 100
-    ) -> dict[str, builtins.list[Notification]]:
-        validate_limit(limit)
-        out: dict[str, builtins.list[Notification]] = {}
-        for chunk in validate_users(user_ids):
-            out.update((u, []) for u in chunk)
-            async with self._connection("reading pending notifications") as conn:
-                rows = await conn.fetch(
-                    self._sql(
-                        f"SELECT {_COLUMNS} FROM ("  # noqa: S608
-                        " SELECT n.*, ROW_NUMBER() OVER"
-                        " (PARTITION BY n.user_id ORDER BY n.created_at, n.id) AS rank"
-                        " FROM {s}.notifications n"
-                        " WHERE n.user_id = ANY($1::text[]) AND NOT n.acked"
-                        " AND NOT EXISTS (SELECT 1 FROM {s}.notification_preferences p"
-                        " WHERE p.user_id = n.user_id"
-                        " AND p.notification_type = n.notification_type AND NOT p.push)"
-                        ") t WHERE rank <= $2 ORDER BY user_id, created_at, id"
-                    ),
-                    chunk,
-                    limit,
-                )
-            for r in rows:
-                note = _row(r)
-                out[note.user_id].append(note)
-        return out
+    async def _pending_of(self, users: list[str], limit: int) -> list[Notification]:
+        async with self._connection("reading pending notifications") as conn:
+            rows = await conn.fetch(
+                self._sql(
+                    f"SELECT {_COLUMNS} FROM ("  # noqa: S608
+                    " SELECT n.*, ROW_NUMBER() OVER"
+                    " (PARTITION BY n.user_id ORDER BY n.created_at, n.id) AS rank"
+                    " FROM {s}.notifications n"
+                    " WHERE n.user_id = ANY($1::text[]) AND NOT n.acked"
+                    " AND NOT EXISTS (SELECT 1 FROM {s}.notification_preferences p"
+                    " WHERE p.user_id = n.user_id"
+                    " AND p.notification_type = n.notification_type AND NOT p.push)"
+                    ") t WHERE rank <= $2 ORDER BY user_id, created_at, id"
+                ),
+                users,
+                limit,
+            )
+        return [Notification.from_row(r) for r in rows]
 
-    async def list(
-        self,
-        user_id: str,
-        unread_only: bool = False,
-        limit: int = 50,
-        before: str | None = None,
-    ) -> tuple[builtins.list[Notification], int]:
-        limit = validate_list_limit(limit)
-        before_id, before_ms = parse_before(before)
+    async def _page(self, user_id: str, q: PageQuery) -> tuple[list[Notification], int]:
+        limit, before_id, before_ms = q.limit, q.before_id, q.before_ms
         where = "user_id = $1"
-        params: builtins.list[object] = [user_id, limit]
-        if unread_only:
+        params: list[object] = [user_id, limit]
+        if q.unread_only:
             where += " AND NOT is_read"
         # One snapshot for the page and the count, so they agree with each other.
         async with (
@@ -667,7 +575,7 @@ class PostgresNotificationStore:
                 ),
                 user_id,
             )
-        return [_row(r) for r in rows], int(unread)
+        return [Notification.from_row(r) for r in rows], int(unread)
 
     async def get(self, user_id: str, id: str) -> Notification | None:
         async with self._connection("reading a notification") as conn:
@@ -679,7 +587,7 @@ class PostgresNotificationStore:
                 user_id,
                 id,
             )
-        return None if row is None else _row(row)
+        return None if row is None else Notification.from_row(row)
 
     async def get_preferences(self, user_id: str) -> dict[str, bool]:
         async with self._connection("reading preferences") as conn:

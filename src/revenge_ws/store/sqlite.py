@@ -21,44 +21,36 @@ the insert that follows are atomic even against other processes using the same f
 from __future__ import annotations
 
 import asyncio
-import builtins
 import contextlib
 import os
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import aiosqlite
 
 from ..exceptions import StoreError, StoreUnavailable
 from .base import (
+    COLUMNS,
     DEFAULT_CRITICAL_RETENTION_DAYS,
     DEFAULT_DEDUPE_WINDOW_MS,
     DEFAULT_RETENTION_DAYS,
     Notification,
-    dedupe_scope,
-    new_id,
-    parse_before,
+    NotificationStore,
+    PageQuery,
+    for_users,
     retention_cutoffs,
+    stamp,
     unknown_cursor,
     validate_ids,
-    validate_limit,
-    validate_list_limit,
-    validate_new,
     validate_preferences,
-    validate_retention,
-    validate_users,
 )
-from .base import now_ms as _now_ms
 
 __all__ = ["SCHEMA_VERSION", "SQLiteNotificationStore"]
 
-_COLUMNS: Final = (
-    "id, user_id, notification_type, title, body, priority, content_id, icon_url, "
-    "action_url, created_at, is_read, read_at, acked, dedupe_key"
-)
+_COLUMNS: Final = ", ".join(COLUMNS)
 
 # Each entry migrates the schema from version i to i + 1; never edit a released entry.
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
@@ -121,25 +113,6 @@ _TRANSIENT: Final = frozenset(
 )
 
 
-def _row(r: Any) -> Notification:
-    return Notification(
-        id=r[0],
-        user_id=r[1],
-        notification_type=r[2],
-        title=r[3],
-        body=r[4],
-        priority=r[5],
-        content_id=r[6],
-        icon_url=r[7],
-        action_url=r[8],
-        created_at=r[9],
-        read=bool(r[10]),
-        read_at=r[11],
-        acked=bool(r[12]),
-        dedupe_key=r[13],
-    )
-
-
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]
@@ -176,7 +149,7 @@ async def _reap_worker(conn: aiosqlite.Connection) -> None:
         await asyncio.to_thread(thread.join, 5.0)
 
 
-class SQLiteNotificationStore:
+class SQLiteNotificationStore(NotificationStore):
     """:class:`~revenge_ws.store.base.NotificationStore` in one SQLite file.
 
     ``path`` is a file path (its directory is created when missing) or ``":memory:"``
@@ -192,11 +165,8 @@ class SQLiteNotificationStore:
         dedupe_window_ms: int = DEFAULT_DEDUPE_WINDOW_MS,
         busy_timeout_ms: int = 5000,
     ) -> None:
-        validate_retention(retention_days, critical_retention_days, dedupe_window_ms)
+        super().__init__(retention_days, critical_retention_days, dedupe_window_ms)
         self.path = os.fspath(path)
-        self.retention_days = retention_days
-        self.critical_retention_days = critical_retention_days
-        self.dedupe_window_ms = int(dedupe_window_ms)
         self._busy_timeout_ms = int(busy_timeout_ms)
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
@@ -308,26 +278,11 @@ class SQLiteNotificationStore:
 
     # -- writes ----------------------------------------------------------------------------
 
-    async def create_many(
-        self,
-        user_ids: Sequence[str],
-        *,
-        notification_type: str,
-        title: str,
-        body: str | None = None,
-        priority: str = "normal",
-        content_id: str | None = None,
-        icon_url: str | None = None,
-        action_url: str | None = None,
-        dedupe_key: str | None = None,
-        now_ms: float | None = None,
-    ) -> builtins.list[tuple[Notification, bool]]:
-        users, ms = validate_new(user_ids, notification_type, title, priority, now_ms)
-        if not users:
-            return []
-        scope = dedupe_scope(notification_type, content_id, dedupe_key)
+    async def _create(
+        self, users: list[str], new: Notification, scope: str | None
+    ) -> tuple[dict[str, Notification], dict[str, Notification]]:
+        ms = new.created_at
         existing: dict[str, Notification] = {}
-        fresh: dict[str, Notification] = {}
         async with self._transaction(write=True) as db:
             if scope is not None and self.dedupe_window_ms > 0:
                 for chunk in _chunks(users):
@@ -338,22 +293,8 @@ class SQLiteNotificationStore:
                         (scope, ms - self.dedupe_window_ms, *chunk),
                     )
                     for r in rows:  # ascending, so the newest match wins
-                        existing[r[1]] = _row(r)
-            for uid in users:
-                if uid not in existing:
-                    fresh[uid] = Notification(
-                        id=new_id(ms),
-                        user_id=uid,
-                        notification_type=notification_type,
-                        title=title,
-                        body=body,
-                        priority=priority,
-                        content_id=content_id,
-                        icon_url=icon_url,
-                        action_url=action_url,
-                        created_at=ms,
-                        dedupe_key=dedupe_key,
-                    )
+                        existing[r[1]] = Notification.from_row(r)
+            fresh = for_users(new, [u for u in users if u not in existing])
             if fresh:
                 await db.executemany(
                     f"INSERT INTO notifications ({_COLUMNS}, dedupe_scope)"  # noqa: S608
@@ -376,7 +317,7 @@ class SQLiteNotificationStore:
                         for n in fresh.values()
                     ],
                 )
-        return [(fresh[u], True) if u in fresh else (existing[u], False) for u in users]
+        return fresh, existing
 
     async def _owned(
         self,
@@ -385,7 +326,7 @@ class SQLiteNotificationStore:
         ids: Sequence[str],
         update: str,
         update_params: tuple[object, ...] = (),
-    ) -> builtins.list[str]:
+    ) -> list[str]:
         owned: set[str] = set()
         for chunk in _chunks(ids):
             marks = _marks(len(chunk))
@@ -403,7 +344,7 @@ class SQLiteNotificationStore:
             owned.update(found)
         return [i for i in ids if i in owned]
 
-    async def ack(self, user_id: str, ids: Sequence[str]) -> builtins.list[str]:
+    async def ack(self, user_id: str, ids: Sequence[str]) -> list[str]:
         wanted = validate_ids(ids)
         if not wanted:
             return []
@@ -412,18 +353,18 @@ class SQLiteNotificationStore:
 
     async def mark_read(
         self, user_id: str, ids: Sequence[str], *, now_ms: float | None = None
-    ) -> builtins.list[str]:
+    ) -> list[str]:
         wanted = validate_ids(ids)
         if not wanted:
             return []
-        ms = _now_ms() if now_ms is None else int(now_ms)
+        ms = stamp(now_ms)
         async with self._transaction(write=True) as db:
             return await self._owned(
                 db, user_id, wanted, "is_read = 1, acked = 1, read_at = coalesce(read_at, ?)", (ms,)
             )
 
     async def read_all(self, user_id: str, now_ms: float | None = None) -> int:
-        ms = _now_ms() if now_ms is None else int(now_ms)
+        ms = stamp(now_ms)
         async with self._transaction(write=True) as db:
             cur = await db.execute(
                 "UPDATE notifications SET is_read = 1, acked = 1, read_at = ?"
@@ -468,11 +409,7 @@ class SQLiteNotificationStore:
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def pending(
-        self, user_id: str, limit: int = 100, *, exclude_types: Sequence[str] = ()
-    ) -> builtins.list[Notification]:
-        validate_limit(limit)
-        excluded = validate_ids(exclude_types)
+    async def _pending(self, user_id: str, limit: int, excluded: list[str]) -> list[Notification]:
         # A muted-type list is short (one entry per type the user muted); no chunking needed.
         not_in = f" AND notification_type NOT IN ({_marks(len(excluded))})" if excluded else ""
         async with self._read() as db:
@@ -482,49 +419,33 @@ class SQLiteNotificationStore:
                 " ORDER BY created_at, id LIMIT ?",
                 (user_id, *excluded, limit),
             )
-        return [_row(r) for r in rows]
+        return [Notification.from_row(r) for r in rows]
 
-    async def pending_many(
-        self, user_ids: Sequence[str], limit: int = 100
-    ) -> dict[str, builtins.list[Notification]]:
-        validate_limit(limit)
-        out: dict[str, builtins.list[Notification]] = {}
-        for chunk in validate_users(user_ids):
-            out.update((u, []) for u in chunk)
-            async with self._read() as db:
-                rows = await db.execute_fetchall(
-                    f"SELECT {_COLUMNS} FROM ("  # noqa: S608 (placeholders only)
-                    " SELECT n.*, ROW_NUMBER() OVER"
-                    " (PARTITION BY n.user_id ORDER BY n.created_at, n.id) AS rank"
-                    " FROM notifications n"
-                    f" WHERE n.user_id IN ({_marks(len(chunk))}) AND n.acked = 0"
-                    " AND NOT EXISTS (SELECT 1 FROM notification_preferences p"
-                    " WHERE p.user_id = n.user_id"
-                    " AND p.notification_type = n.notification_type AND p.push = 0)"
-                    ") WHERE rank <= ? ORDER BY user_id, created_at, id",
-                    (*chunk, limit),
-                )
-            for r in rows:
-                note = _row(r)
-                out[note.user_id].append(note)
-        return out
+    async def _pending_of(self, users: list[str], limit: int) -> list[Notification]:
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                f"SELECT {_COLUMNS} FROM ("  # noqa: S608 (placeholders only)
+                " SELECT n.*, ROW_NUMBER() OVER"
+                " (PARTITION BY n.user_id ORDER BY n.created_at, n.id) AS rank"
+                " FROM notifications n"
+                f" WHERE n.user_id IN ({_marks(len(users))}) AND n.acked = 0"
+                " AND NOT EXISTS (SELECT 1 FROM notification_preferences p"
+                " WHERE p.user_id = n.user_id"
+                " AND p.notification_type = n.notification_type AND p.push = 0)"
+                ") WHERE rank <= ? ORDER BY user_id, created_at, id",
+                (*users, limit),
+            )
+        return [Notification.from_row(r) for r in rows]
 
-    async def list(
-        self,
-        user_id: str,
-        unread_only: bool = False,
-        limit: int = 50,
-        before: str | None = None,
-    ) -> tuple[builtins.list[Notification], int]:
-        limit = validate_list_limit(limit)
-        before_id, before_ms = parse_before(before)
+    async def _page(self, user_id: str, q: PageQuery) -> tuple[list[Notification], int]:
+        limit, before_id, before_ms = q.limit, q.before_id, q.before_ms
         where = "user_id = ?"
-        params: builtins.list[object] = [user_id]
-        if unread_only:
+        params: list[object] = [user_id]
+        if q.unread_only:
             where += " AND is_read = 0"
         async with self._transaction(write=False) as db:
             if before_id is not None:
-                rows = builtins.list(
+                rows = list(
                     await db.execute_fetchall(
                         "SELECT created_at FROM notifications WHERE user_id = ? AND id = ?",
                         (user_id, before_id),
@@ -542,24 +463,24 @@ class SQLiteNotificationStore:
                 " ORDER BY created_at DESC, id DESC LIMIT ?",
                 (*params, limit),
             )
-            count = builtins.list(
+            count = list(
                 await db.execute_fetchall(
                     "SELECT count(*) FROM notifications WHERE user_id = ? AND is_read = 0",
                     (user_id,),
                 )
             )
-        return [_row(r) for r in items], int(count[0][0])
+        return [Notification.from_row(r) for r in items], int(count[0][0])
 
     async def get(self, user_id: str, id: str) -> Notification | None:
         async with self._read() as db:
-            rows = builtins.list(
+            rows = list(
                 await db.execute_fetchall(
                     f"SELECT {_COLUMNS} FROM notifications"  # noqa: S608
                     " WHERE user_id = ? AND id = ?",
                     (user_id, id),
                 )
             )
-        return _row(rows[0]) if rows else None
+        return Notification.from_row(rows[0]) if rows else None
 
     async def get_preferences(self, user_id: str) -> dict[str, bool]:
         async with self._read() as db:
