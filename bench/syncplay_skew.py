@@ -55,6 +55,7 @@ if str(ROOT) not in sys.path:
 
 from tests.faultproxy import FaultProxy  # noqa: E402
 from tests.helpers import HubProcess, make_settings, start_hub_process  # noqa: E402
+from tests.players import SimPlayer  # noqa: E402
 
 from bench.common import emit_results, sched_wait  # noqa: E402
 from revenge_ws.auth import mint_token  # noqa: E402
@@ -236,44 +237,6 @@ class ProxyProcess:
 
 
 # --------------------------------------------------------------------------- a member
-class SimPlayer:
-    """A player on the true clock; records when ``play()`` was called."""
-
-    def __init__(self) -> None:
-        self._pos = 0.0
-        self._since = 0.0  # true ms at which _pos was taken while playing
-        self._playing = False
-        self._rate = 1.0
-        self.played_at: float | None = None
-
-    def position(self) -> float:
-        if self._playing:
-            return self._pos + (true_ms() - self._since) / 1000.0 * self._rate
-        return self._pos
-
-    def is_playing(self) -> bool:
-        return self._playing
-
-    @property
-    def rate(self) -> float:
-        return self._rate
-
-    def set_rate(self, rate: float) -> None:
-        self._pos, self._since = self.position(), true_ms()
-        self._rate = rate
-
-    def seek(self, position: float) -> None:
-        self._pos, self._since = position, true_ms()
-
-    def play(self) -> None:
-        now = true_ms()
-        self.played_at = now
-        self._pos, self._since = self._pos, now
-        self._playing = True
-
-    def pause(self) -> None:
-        self._pos = self.position()
-        self._playing = False
 
 
 @dataclass
@@ -302,7 +265,7 @@ class Member:
     token: str
     client: Client | None = None
     ctx: contextvars.Context | None = None
-    player: SimPlayer = field(default_factory=SimPlayer)
+    player: SimPlayer = field(default_factory=lambda: SimPlayer(true_ms))
     ctl: SyncController | None = None
     arrivals: dict[int, Arrival] = field(default_factory=dict)
     starts: dict[int, Start] = field(default_factory=dict)

@@ -10,50 +10,14 @@ from revenge_ws.client.syncplay import SyncPlayDriver
 
 from .faultproxy import FaultProxy
 from .helpers import Hub, until
+from .players import SimPlayer
 
 CONTENT = {"type": "movie", "id": "m1"}
 
 
-class WallPlayer:
-    """A player on the machine's monotonic clock."""
-
-    def __init__(self) -> None:
-        self._pos = 0.0
-        self._since = time.monotonic()
-        self._playing = False
-        self._rate = 1.0
-        self.seeks: list[float] = []
-
-    def _mark(self) -> None:
-        self._pos, self._since = self.position(), time.monotonic()
-
-    def position(self) -> float:
-        if not self._playing:
-            return self._pos
-        return self._pos + (time.monotonic() - self._since) * self._rate
-
-    def is_playing(self) -> bool:
-        return self._playing
-
-    @property
-    def rate(self) -> float:
-        return self._rate
-
-    def set_rate(self, rate: float) -> None:
-        self._mark()
-        self._rate = rate
-
-    def seek(self, position: float) -> None:
-        self._pos, self._since = position, time.monotonic()
-        self.seeks.append(position)
-
-    def play(self) -> None:
-        self._mark()
-        self._playing = True
-
-    def pause(self) -> None:
-        self._mark()
-        self._playing = False
+def wall_player() -> SimPlayer:
+    """A player on the monotonic clock (ms)."""
+    return SimPlayer(lambda: time.monotonic() * 1000.0)
 
 
 async def test_driver_starts_at_when_reports_applies_hints_and_stops(hub: Hub) -> None:
@@ -63,7 +27,7 @@ async def test_driver_starts_at_when_reports_applies_hints_and_stops(hub: Hub) -
     ):
         await ca.wait_connected(5)
         await cb.wait_connected(5)
-        pa, pb = WallPlayer(), WallPlayer()
+        pa, pb = wall_player(), wall_player()
         seen: list[str] = []
         da = SyncPlayDriver(ca, pa, report_interval=0.2, tick_interval=0.05)
         # bob's periodic tick is a minute away: whatever moves his player is the timer at
@@ -114,8 +78,8 @@ async def test_driver_takes_the_seat_back_after_a_reconnect(hub: Hub) -> None:
     ):
         await ca.wait_connected(5)
         await cb.wait_connected(5)
-        da = SyncPlayDriver(ca, WallPlayer(), report_interval=60.0)
-        db = SyncPlayDriver(cb, WallPlayer(), report_interval=0.2)
+        da = SyncPlayDriver(ca, wall_player(), report_interval=60.0)
+        db = SyncPlayDriver(cb, wall_player(), report_interval=0.2)
         rid = (await da.create({"name": "party", "content": CONTENT}))["room"]["room_id"]
         await db.join(rid)
         await until(lambda: db.reports_sent >= 1, 5, "a report")

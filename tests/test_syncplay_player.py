@@ -12,53 +12,9 @@ from hypothesis import strategies as st
 
 from revenge_ws.client.syncplay import Action, SyncConfig, SyncController, Timeline
 
+from .players import SimPlayer
+
 T0 = 1_700_000_000_000.0
-
-
-class SimPlayer:
-    """A player whose position advances with its rate (times ``1 + drift``) on a fake clock.
-
-    ``seek_snap`` rounds seeks down to a keyframe grid, like real players do.
-    """
-
-    def __init__(self, position: float = 0.0, drift: float = 0.0, seek_snap: float = 0.0) -> None:
-        self._position = position
-        self._playing = False
-        self._rate = 1.0
-        self.drift = drift
-        self.seek_snap = seek_snap
-        self.rates: list[float] = []
-        self.seeks: list[float] = []
-
-    def advance(self, ms: float) -> None:
-        if self._playing:
-            self._position += ms / 1000.0 * self._rate * (1.0 + self.drift)
-
-    def position(self) -> float:
-        return self._position
-
-    def is_playing(self) -> bool:
-        return self._playing
-
-    @property
-    def rate(self) -> float:
-        return self._rate
-
-    def set_rate(self, rate: float) -> None:
-        self._rate = rate
-        self.rates.append(rate)
-
-    def seek(self, position: float) -> None:
-        if self.seek_snap:
-            position -= position % self.seek_snap
-        self._position = position
-        self.seeks.append(position)
-
-    def play(self) -> None:
-        self._playing = True
-
-    def pause(self) -> None:
-        self._playing = False
 
 
 class Clock:
