@@ -285,6 +285,14 @@ def test_parse_presence_keeps_well_formed_entries_only() -> None:
     assert parse_presence(msg) == {"online": [{"user_id": "ann", "name": "ann"}], "offline": []}
     assert parse_presence({"type": "activity.presence", "data": []}) is None
     assert parse_presence({"type": "activity.user_online", "data": {"user_id": "a"}}) is None
+    big = {"type": "activity.presence", "data": {"online": [], "offline": [], "more": {}}}
+    assert parse_presence(big) == {"online": [], "offline": []}  # malformed counts dropped
+    big["data"]["more"] = {"online": 150, "offline": 0}
+    assert parse_presence(big) == {
+        "online": [],
+        "offline": [],
+        "more": {"online": 150, "offline": 0},
+    }
 
 
 # -- Tracker (pure) ------------------------------------------------------------------
@@ -722,6 +730,26 @@ def pub(channel: str, seq: int, epoch: str = "e1", **data: Any) -> dict[str, Any
     }
 
 
+def subscribed(
+    req_id: str,
+    *subs: tuple[str, str, int, bool],
+    missed: int = 0,
+    errors: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The ack of a ``subscribe``: ``(channel, epoch, seq, recovered)`` per subscription."""
+    return {
+        "type": "ack",
+        "id": req_id,
+        "data": {
+            "subscriptions": [
+                {"channel": ch, "epoch": ep, "seq": seq, "recovered": rec, "missed": missed}
+                for ch, ep, seq, rec in subs
+            ],
+            "errors": errors or [],
+        },
+    }
+
+
 async def test_dedupe_gap_recovery_and_reset_scripted(fake: FakeHub) -> None:
     failed: list[str] = []
     async with Client(
@@ -741,24 +769,7 @@ async def test_dedupe_gap_recovery_and_reset_scripted(fake: FakeHub) -> None:
         req = await conn.expect("subscribe")
         assert req["data"]["channels"] == [{"name": "user:u", "since": {"epoch": "e1", "seq": 8}}]
         await conn.send(pub("user:u", 11))
-        await conn.send(
-            {
-                "type": "ack",
-                "id": req["id"],
-                "data": {
-                    "subscriptions": [
-                        {
-                            "channel": "user:u",
-                            "epoch": "e1",
-                            "seq": 11,
-                            "recovered": True,
-                            "missed": 3,
-                        }
-                    ],
-                    "errors": [],
-                },
-            }
-        )
+        await conn.send(subscribed(req["id"], ("user:u", "e1", 11, True), missed=3))
         for seq in (9, 10, 11, 12):
             await conn.send(pub("user:u", seq))
         assert [m["seq"] for m in await take(c, 4)] == [9, 10, 11, 12]
@@ -785,24 +796,7 @@ async def test_dedupe_gap_recovery_and_reset_scripted(fake: FakeHub) -> None:
         await conn.send(welcome([{"channel": "user:u", "epoch": "e9", "seq": 0}], node="n2"))
         req = await conn.expect("subscribe")
         assert req["data"]["channels"] == [{"name": "user:u", "since": {"epoch": "e2", "seq": 5}}]
-        await conn.send(
-            {
-                "type": "ack",
-                "id": req["id"],
-                "data": {
-                    "subscriptions": [
-                        {
-                            "channel": "user:u",
-                            "epoch": "e9",
-                            "seq": 0,
-                            "recovered": False,
-                            "missed": 0,
-                        }
-                    ],
-                    "errors": [],
-                },
-            }
-        )
+        await conn.send(subscribed(req["id"], ("user:u", "e9", 0, False)))
         await c.wait_connected(5)
         assert failed == ["user:u", "user:u"]
         restart = [e for e in disc if e["type"] == "client.disconnected"]
@@ -824,29 +818,7 @@ async def test_resubscribe_refused_and_watchdog_scripted(fake: FakeHub) -> None:
         sub = asyncio.create_task(c.subscribe("activity", "library:x"))
         req = await conn.expect("subscribe")
         await conn.send(
-            {
-                "type": "ack",
-                "id": req["id"],
-                "data": {
-                    "subscriptions": [
-                        {
-                            "channel": "activity",
-                            "epoch": "a",
-                            "seq": 2,
-                            "recovered": False,
-                            "missed": 0,
-                        },
-                        {
-                            "channel": "library:x",
-                            "epoch": "l",
-                            "seq": 0,
-                            "recovered": False,
-                            "missed": 0,
-                        },
-                    ],
-                    "errors": [],
-                },
-            }
+            subscribed(req["id"], ("activity", "a", 2, False), ("library:x", "l", 0, False))
         )
         assert len(await sub) == 2
         # The scripted server answers pings, but with a 0.5 s watchdog and 30 s pings
@@ -860,24 +832,8 @@ async def test_resubscribe_refused_and_watchdog_scripted(fake: FakeHub) -> None:
             {"name": "activity", "since": {"epoch": "a", "seq": 2}},
             {"name": "library:x", "since": {"epoch": "l", "seq": 0}},
         ]
-        await conn.send(
-            {
-                "type": "ack",
-                "id": req["id"],
-                "data": {
-                    "subscriptions": [
-                        {
-                            "channel": "activity",
-                            "epoch": "a",
-                            "seq": 2,
-                            "recovered": True,
-                            "missed": 0,
-                        }
-                    ],
-                    "errors": [{"channel": "library:x", "code": "FORBIDDEN", "message": "no"}],
-                },
-            }
-        )
+        refused = {"channel": "library:x", "code": "FORBIDDEN", "message": "no"}
+        await conn.send(subscribed(req["id"], ("activity", "a", 2, True), errors=[refused]))
         await c.wait_connected(5)
         assert [e["data"]["channel"] for e in errors] == ["library:x"]
         assert c.channels == ["activity"]

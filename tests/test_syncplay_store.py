@@ -228,13 +228,19 @@ async def test_refused_requests_leave_live_rooms_untouched() -> None:
     assert before.name == "room"
 
 
-async def test_a_code_taken_by_another_room_makes_fn_run_again() -> None:
-    store = MemoryRoomStore()
+async def code_taken(store: MemoryRoomStore) -> Room:
+    """Two rooms, the second with the id ``second``; the first holds the code SAMECODE."""
     first, second = new_room("first"), new_room("second")
     second.room_id = "second"
     await store.create(first)
     await store.create(second)
     await store.update(first.room_id, op("invite", ids=Codes("SAMECODE")))
+    return first
+
+
+async def test_a_code_taken_by_another_room_makes_fn_run_again() -> None:
+    store = MemoryRoomStore()
+    first = await code_taken(store)
     # The first run draws the taken code; the rerun draws a fresh one.
     out = await store.update("second", op("invite", ids=Codes("SAMECODE", "FRESHONE")))
     assert out.reply["code"] == "FRESHONE"
@@ -247,11 +253,7 @@ async def test_a_code_taken_by_another_room_makes_fn_run_again() -> None:
 
 async def test_live_mode_refuses_a_clashing_code() -> None:
     store = MemoryRoomStore(isolate=False)
-    first, second = new_room("first"), new_room("second")
-    second.room_id = "second"
-    await store.create(first)
-    await store.create(second)
-    await store.update(first.room_id, op("invite", ids=Codes("SAMECODE")))
+    first = await code_taken(store)
     with pytest.raises(RequestError) as info:
         await store.update("second", op("invite", ids=Codes("SAMECODE")))
     assert info.value.code == ErrorCode.CONFLICT
@@ -277,11 +279,7 @@ async def test_store_ids_avoid_codes_in_use() -> None:
 
 async def test_retries_are_bounded() -> None:
     store = MemoryRoomStore(max_attempts=2)
-    first, second = new_room("first"), new_room("second")
-    second.room_id = "second"
-    await store.create(first)
-    await store.create(second)
-    await store.update(first.room_id, op("invite", ids=Codes("SAMECODE")))
+    first = await code_taken(store)
     with pytest.raises(RequestError) as info:
         await store.update("second", op("invite", ids=Codes("SAMECODE", "SAMECODE")))
     assert info.value.code == ErrorCode.UNAVAILABLE
