@@ -16,7 +16,6 @@ bench/baseline_aiohttp.py --port 8100 --core 0``.
 
 from __future__ import annotations
 
-import argparse
 import secrets
 import sys
 from pathlib import Path
@@ -28,13 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: python bench/baseline_*.py
     sys.path.insert(0, str(ROOT))
 
-from bench.common import (  # noqa: E402
-    hub_envelope,
-    pin,
-    raise_nofile,
-    run_loop,
-    serve_until_signalled,
-)
+from bench.common import hub_envelope, serve_baseline  # noqa: E402
 
 EPOCH = secrets.token_hex(4)
 
@@ -88,14 +81,11 @@ def build_app(mode: str) -> web.Application:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--core", type=int, default=None, help="pin the process to this CPU")
-    ap.add_argument("--mode", choices=("frame", "str"), default="frame")
-    args = ap.parse_args()
-    pin({args.core} if args.core is not None else None)
-    raise_nofile()
-    run_loop(serve_until_signalled(lambda: build_app(args.mode), args.port))
+    serve_baseline(
+        __doc__,
+        lambda args: build_app(args.mode),
+        lambda ap: ap.add_argument("--mode", choices=("frame", "str"), default="frame"),
+    )
 
 
 if __name__ == "__main__":

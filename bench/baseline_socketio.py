@@ -12,7 +12,6 @@ bench/baseline_socketio.py --port 8200 --core 0`` (needs ``pip install python-so
 
 from __future__ import annotations
 
-import argparse
 import secrets
 import sys
 from pathlib import Path
@@ -26,13 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: python bench/baseline_*.py
     sys.path.insert(0, str(ROOT))
 
-from bench.common import (  # noqa: E402
-    hub_envelope,
-    pin,
-    raise_nofile,
-    run_loop,
-    serve_until_signalled,
-)
+from bench.common import hub_envelope, serve_baseline  # noqa: E402
 
 EPOCH = secrets.token_hex(4)
 ROOM = "bench"
@@ -67,13 +60,7 @@ def build_app() -> web.Application:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--core", type=int, default=None, help="pin the process to this CPU")
-    args = ap.parse_args()
-    pin({args.core} if args.core is not None else None)
-    raise_nofile()
-    run_loop(serve_until_signalled(build_app, args.port))
+    serve_baseline(__doc__, lambda args: build_app())
 
 
 if __name__ == "__main__":

@@ -189,6 +189,27 @@ async def serve_until_signalled(build_app: Callable[[], Any], port: int) -> None
             await asyncio.wait_for(runner.cleanup(), 5)
 
 
+def serve_baseline(
+    doc: str,
+    build_app: Callable[[Any], Any],
+    add_args: Callable[[Any], None] | None = None,
+) -> None:
+    """The command line of a baseline server (``bench/baseline_*.py``): ``--port``,
+    ``--core`` (pin the process to this CPU) and the script's own options (``add_args``
+    adds them to the parser); serves ``build_app(args)`` until SIGTERM or SIGINT."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--core", type=int, default=None, help="pin the process to this CPU")
+    if add_args is not None:
+        add_args(ap)
+    args = ap.parse_args()
+    pin({args.core} if args.core is not None else None)
+    raise_nofile()
+    run_loop(serve_until_signalled(lambda: build_app(args), args.port))
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted sequence (0 when empty)."""
     if not sorted_values:
