@@ -94,12 +94,7 @@ class Publisher:
         raise last
 
     async def publish(
-        self,
-        channel: str,
-        mtype: str,
-        data: dict[str, Any],
-        *,
-        idempotency_key: str | None = None,
+        self, channel: str, mtype: str, data: dict[str, Any], *, idempotency_key: str | None = None
     ) -> dict[str, Any]:
         """Publish on a channel; returns ``{channel, seq, epoch}``."""
         return await self.request(
