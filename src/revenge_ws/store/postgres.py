@@ -26,23 +26,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Final
 
 from ..exceptions import ConfigError, StoreError, StoreUnavailable
-from .base import (
-    COLUMNS,
-    DEFAULT_CRITICAL_RETENTION_DAYS,
-    DEFAULT_DEDUPE_WINDOW_MS,
-    DEFAULT_RETENTION_DAYS,
-    Notification,
-    NotificationStore,
-    PageQuery,
-    for_users,
-    new_id,
-    redact_url,
-    retention_cutoffs,
-    stamp,
-    unknown_cursor,
-    validate_ids,
-    validate_preferences,
-)
+from . import base
+from .base import COLUMNS, Notification, NotificationStore, PageQuery
 
 __all__ = ["SCHEMA_VERSION", "PostgresNotificationStore"]
 
@@ -144,9 +129,9 @@ class PostgresNotificationStore(NotificationStore):
         dsn: str,
         *,
         schema: str = "revenge_ws",
-        retention_days: float = DEFAULT_RETENTION_DAYS,
-        critical_retention_days: float = DEFAULT_CRITICAL_RETENTION_DAYS,
-        dedupe_window_ms: int = DEFAULT_DEDUPE_WINDOW_MS,
+        retention_days: float = base.DEFAULT_RETENTION_DAYS,
+        critical_retention_days: float = base.DEFAULT_CRITICAL_RETENTION_DAYS,
+        dedupe_window_ms: int = base.DEFAULT_DEDUPE_WINDOW_MS,
         min_size: int = 1,
         max_size: int = 10,
         connect_timeout: float = 5.0,
@@ -173,7 +158,7 @@ class PostgresNotificationStore(NotificationStore):
         self._start_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
-        return f"PostgresNotificationStore({redact_url(self._dsn)!r}, schema={self.schema!r})"
+        return f"PostgresNotificationStore({base.redact_url(self._dsn)!r}, schema={self.schema!r})"
 
     def _sql(self, template: str) -> str:
         return template.replace("{s}", self.schema)
@@ -300,12 +285,12 @@ class PostgresNotificationStore(NotificationStore):
         self, users: list[str], new: Notification, scope: str | None
     ) -> tuple[dict[str, Notification], dict[str, Notification]]:
         ms = new.created_at
-        ids = {u: new_id(ms) for u in users}
+        ids = {u: base.new_id(ms) for u in users}
         existing: dict[str, Notification] = {}
         async with self._connection("creating notifications") as conn, conn.transaction():
             if scope is not None and self.dedupe_window_ms > 0:
                 existing = await self._dedupe(conn, sorted(users), ids, scope, ms)
-            fresh = for_users(new, [u for u in users if u not in existing], ids)
+            fresh = base.for_users(new, [u for u in users if u not in existing], ids)
             if fresh:
                 await conn.execute(
                     self._sql(
@@ -395,7 +380,7 @@ class PostgresNotificationStore(NotificationStore):
         Rows for which ``unless`` already holds are answered but not rewritten (no dead
         tuples for repeated acks).
         """
-        wanted = validate_ids(ids)
+        wanted = base.validate_ids(ids)
         if not wanted:
             return []
         async with self._connection("updating notifications") as conn:
@@ -421,14 +406,14 @@ class PostgresNotificationStore(NotificationStore):
     async def mark_read(
         self, user_id: str, ids: Sequence[str], *, now_ms: float | None = None
     ) -> list[str]:
-        ms = stamp(now_ms)
+        ms = base.stamp(now_ms)
         # Only unread rows get read_at, so it keeps the time of the first read.
         return await self._owned(
             user_id, ids, "is_read = true, acked = true, read_at = $3::bigint", "is_read", ms
         )
 
     async def read_all(self, user_id: str, now_ms: float | None = None) -> int:
-        ms = stamp(now_ms)
+        ms = base.stamp(now_ms)
         async with self._connection("marking all read") as conn:
             status = await conn.execute(
                 self._sql(
@@ -441,7 +426,7 @@ class PostgresNotificationStore(NotificationStore):
         return _count(status)
 
     async def set_preferences(self, user_id: str, prefs: Mapping[str, bool | None]) -> None:
-        checked = validate_preferences(prefs)
+        checked = base.validate_preferences(prefs)
         if not checked:
             return
         removed = [t for t, push in checked.items() if push is None]
@@ -471,8 +456,10 @@ class PostgresNotificationStore(NotificationStore):
                 )
 
     async def cleanup(self, now_ms: float | None = None) -> int:
-        ms = stamp(now_ms)
-        normal, critical = retention_cutoffs(ms, self.retention_days, self.critical_retention_days)
+        ms = base.stamp(now_ms)
+        normal, critical = base.retention_cutoffs(
+            ms, self.retention_days, self.critical_retention_days
+        )
         deleted = 0
         async with self._connection("cleaning up") as conn:
             # Autocommitted batches: a large backlog never holds locks (or bloats one
@@ -556,7 +543,7 @@ class PostgresNotificationStore(NotificationStore):
                     before_id,
                 )
                 if created is None:
-                    raise unknown_cursor()
+                    raise base.unknown_cursor()
                 where += " AND (created_at, id) < ($3::bigint, $4::text)"
                 params += [created, before_id]
             elif before_ms is not None:

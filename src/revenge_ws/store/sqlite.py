@@ -32,21 +32,8 @@ from typing import Final
 import aiosqlite
 
 from ..exceptions import StoreError, StoreUnavailable
-from .base import (
-    COLUMNS,
-    DEFAULT_CRITICAL_RETENTION_DAYS,
-    DEFAULT_DEDUPE_WINDOW_MS,
-    DEFAULT_RETENTION_DAYS,
-    Notification,
-    NotificationStore,
-    PageQuery,
-    for_users,
-    retention_cutoffs,
-    stamp,
-    unknown_cursor,
-    validate_ids,
-    validate_preferences,
-)
+from . import base
+from .base import COLUMNS, Notification, NotificationStore, PageQuery
 
 __all__ = ["SCHEMA_VERSION", "SQLiteNotificationStore"]
 
@@ -160,9 +147,9 @@ class SQLiteNotificationStore(NotificationStore):
         self,
         path: str | os.PathLike[str],
         *,
-        retention_days: float = DEFAULT_RETENTION_DAYS,
-        critical_retention_days: float = DEFAULT_CRITICAL_RETENTION_DAYS,
-        dedupe_window_ms: int = DEFAULT_DEDUPE_WINDOW_MS,
+        retention_days: float = base.DEFAULT_RETENTION_DAYS,
+        critical_retention_days: float = base.DEFAULT_CRITICAL_RETENTION_DAYS,
+        dedupe_window_ms: int = base.DEFAULT_DEDUPE_WINDOW_MS,
         busy_timeout_ms: int = 5000,
     ) -> None:
         super().__init__(retention_days, critical_retention_days, dedupe_window_ms)
@@ -276,7 +263,7 @@ class SQLiteNotificationStore(NotificationStore):
                     raise
                 await db.execute("COMMIT")
 
-    # -- writes ----------------------------------------------------------------------------
+    # -- writes: each in one BEGIN IMMEDIATE transaction ---------------------------------
 
     async def _create(
         self, users: list[str], new: Notification, scope: str | None
@@ -294,7 +281,7 @@ class SQLiteNotificationStore(NotificationStore):
                     )
                     for r in rows:  # ascending, so the newest match wins
                         existing[r[1]] = Notification.from_row(r)
-            fresh = for_users(new, [u for u in users if u not in existing])
+            fresh = base.for_users(new, [u for u in users if u not in existing])
             if fresh:
                 await db.executemany(
                     f"INSERT INTO notifications ({_COLUMNS}, dedupe_scope)"  # noqa: S608
@@ -345,7 +332,7 @@ class SQLiteNotificationStore(NotificationStore):
         return [i for i in ids if i in owned]
 
     async def ack(self, user_id: str, ids: Sequence[str]) -> list[str]:
-        wanted = validate_ids(ids)
+        wanted = base.validate_ids(ids)
         if not wanted:
             return []
         async with self._transaction(write=True) as db:
@@ -354,17 +341,17 @@ class SQLiteNotificationStore(NotificationStore):
     async def mark_read(
         self, user_id: str, ids: Sequence[str], *, now_ms: float | None = None
     ) -> list[str]:
-        wanted = validate_ids(ids)
+        wanted = base.validate_ids(ids)
         if not wanted:
             return []
-        ms = stamp(now_ms)
+        ms = base.stamp(now_ms)
         async with self._transaction(write=True) as db:
             return await self._owned(
                 db, user_id, wanted, "is_read = 1, acked = 1, read_at = coalesce(read_at, ?)", (ms,)
             )
 
     async def read_all(self, user_id: str, now_ms: float | None = None) -> int:
-        ms = stamp(now_ms)
+        ms = base.stamp(now_ms)
         async with self._transaction(write=True) as db:
             cur = await db.execute(
                 "UPDATE notifications SET is_read = 1, acked = 1, read_at = ?"
@@ -374,7 +361,7 @@ class SQLiteNotificationStore(NotificationStore):
             return int(cur.rowcount)
 
     async def set_preferences(self, user_id: str, prefs: Mapping[str, bool | None]) -> None:
-        checked = validate_preferences(prefs)
+        checked = base.validate_preferences(prefs)
         if not checked:
             return
         async with self._transaction(write=True) as db:
@@ -393,7 +380,7 @@ class SQLiteNotificationStore(NotificationStore):
                     )
 
     async def cleanup(self, now_ms: float | None = None) -> int:
-        normal, critical = retention_cutoffs(
+        normal, critical = base.retention_cutoffs(
             now_ms, self.retention_days, self.critical_retention_days
         )
         async with self._transaction(write=True) as db:
@@ -452,7 +439,7 @@ class SQLiteNotificationStore(NotificationStore):
                     )
                 )
                 if not rows:
-                    raise unknown_cursor()
+                    raise base.unknown_cursor()
                 where += " AND (created_at < ? OR (created_at = ? AND id < ?))"
                 params += [rows[0][0], rows[0][0], before_id]
             elif before_ms is not None:
