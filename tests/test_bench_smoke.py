@@ -10,31 +10,28 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from bench.run import main
 
 
-@pytest.mark.timeout(60)
-def test_fanout_and_latency_smoke(tmp_path: Path) -> None:
+def run_bench(tmp_path: Path, *phases: str) -> tuple[dict[str, Any], Path]:
+    """``python -m bench --smoke --phases ...`` into ``tmp_path``: the results (the run
+    must succeed and leave the caller's CPU affinity as it was) and the Markdown file."""
     affinity = os.sched_getaffinity(0)
-    md = tmp_path / "benchmarks.md"
-    raw = tmp_path / "results.json"
-    code = main(
-        [
-            "--smoke",
-            "--phases",
-            "fanout",
-            "--no-plot",
-            "--out-md",
-            str(md),
-            "--out-json",
-            str(raw),
-        ]
-    )
-    results = json.loads(raw.read_text())
+    md, raw = tmp_path / "benchmarks.md", tmp_path / "results.json"
+    out = ["--no-plot", "--out-md", str(md), "--out-json", str(raw)]
+    code = main(["--smoke", "--phases", *phases, *out])
+    results: dict[str, Any] = json.loads(raw.read_text())
     assert code == 0, results["errors"]
     assert os.sched_getaffinity(0) == affinity  # the caller's CPU affinity is restored
+    return results, md
+
+
+@pytest.mark.timeout(60)
+def test_fanout_and_latency_smoke(tmp_path: Path) -> None:
+    results, md = run_bench(tmp_path, "fanout")
 
     assert set(results["fanout"]) == {"hub", "aiohttp-frame"}
     for kind, res in results["fanout"].items():
