@@ -66,16 +66,10 @@ def make_settings(env: dict[str, str] | None = None, config: str | None = None) 
     return load_settings(config, environ=base)
 
 
-@dataclass
-class Hub:
-    """An in-process hub serving on a real 127.0.0.1 socket."""
+class Listening:
+    """A hub listening on 127.0.0.1:``port``: its HTTP base URL and its WebSocket URL."""
 
-    settings: Settings
     port: int
-    app: web.Application
-    stop: asyncio.Event
-    task: asyncio.Task[None]
-    sessions: list[aiohttp.ClientSession] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -84,6 +78,18 @@ class Hub:
     @property
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/api/v1/ws"
+
+
+@dataclass
+class Hub(Listening):
+    """An in-process hub serving on a real 127.0.0.1 socket."""
+
+    settings: Settings
+    port: int
+    app: web.Application
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+    sessions: list[aiohttp.ClientSession] = field(default_factory=list)
 
     @property
     def node(self) -> Any:
@@ -228,19 +234,11 @@ async def running_hub(settings: Settings) -> AsyncIterator[Hub]:
 
 # -- processes -------------------------------------------------------------------------
 @dataclass
-class HubProcess:
+class HubProcess(Listening):
     proc: subprocess.Popen[bytes]
     port: int
     env: dict[str, str]
     log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/api/v1/ws"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
