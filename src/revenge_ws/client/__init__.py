@@ -36,9 +36,9 @@ are used here: no server code (import-linter contract ``clients``).
 
 This module is the public face: it re-exports the public names (``__all__``). The
 application API is in ``_client.py``, the connection loop in ``_connection.py``, the
-types in ``_types.py``, reconnect timing in ``_backoff.py``, the server clock estimate
-in ``_clock.py``, positions and de-duplication in ``_tracker.py``, presence in
-``_presence.py``.
+types in ``_types.py``, reading the hub's frames and headers in ``_wire.py``, reconnect
+timing in ``_backoff.py``, the server clock estimate in ``_clock.py``, positions and
+de-duplication in ``_tracker.py``, presence in ``_presence.py``.
 """
 
 from __future__ import annotations

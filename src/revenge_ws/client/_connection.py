@@ -3,7 +3,7 @@ the token, and reconnect after whatever ended the connection.
 
 :class:`ConnectionLoop` holds every piece of a client's state and the request/reply
 machinery on the socket; :class:`~revenge_ws.client.Client` adds the application API
-on top. It stays one module of ~850 lines because it is one concern, a state machine
+on top. It stays one module of ~800 lines because it is one concern, a state machine
 over one socket: every method here reads or writes the same generation counter, pending
 requests, tracker and events, and splitting it would only scatter that state.
 """
@@ -18,7 +18,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, TypeGuard
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
@@ -48,6 +48,7 @@ from ._types import (
     RecoveryCallback,
     TokenProvider,
 )
+from ._wire import decode, header_seconds, is_int, is_num, welcome_window
 
 log = logging.getLogger("revenge_ws.client")
 
@@ -256,7 +257,7 @@ class ConnectionLoop:
         def on_pong(msg: Message, t3: float) -> None:
             data = msg.get("data") or {}
             t1, t2 = data.get("t1"), data.get("t2")
-            if msg.get("type") == "pong" and _is_num(t1) and _is_num(t2):
+            if msg.get("type") == "pong" and is_num(t1) and is_num(t2):
                 result[0] = self.clock.add(t0, float(t1), float(t2), t3)
 
         self.stats.pings += 1
@@ -456,8 +457,8 @@ class ConnectionLoop:
             return Disconnect(
                 reason=f"handshake refused: HTTP {exc.status} {exc.message}",
                 http_status=exc.status,
-                retry_after=_header_seconds(exc.headers, "Retry-After"),
-                window=_header_seconds(exc.headers, "Reconnect-Window"),
+                retry_after=header_seconds(exc.headers, "Retry-After"),
+                window=header_seconds(exc.headers, "Reconnect-Window"),
             )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             if ws is not None:
@@ -474,7 +475,7 @@ class ConnectionLoop:
         if first.type is aiohttp.WSMsgType.CLOSE:
             await self._close_ws(ws)
             return self._closed_by_server(int(first.data), str(first.extra or ""))
-        welcome = _decode(first.data) if first.type is aiohttp.WSMsgType.TEXT else None
+        welcome = decode(first.data) if first.type is aiohttp.WSMsgType.TEXT else None
         if welcome is None or welcome.get("type") != "welcome":
             await self._close_ws(ws, CloseCode.POLICY, b"expected welcome")
             return Disconnect(reason="the first frame was not a welcome")
@@ -565,19 +566,19 @@ class ConnectionLoop:
         if previous is not None and previous.get("node_id") != data.get("node_id"):
             self.clock.reset()  # another machine, maybe another clock
         server_time = data.get("server_time")
-        self._coarse_offset = float(server_time) - t3 if _is_num(server_time) else None
+        self._coarse_offset = float(server_time) - t3 if is_num(server_time) else None
         hb = data.get("heartbeat")
         hb = hb if isinstance(hb, dict) else {}
         interval, timeout = hb.get("interval"), hb.get("timeout")
         self._ping_interval = self.config.ping_interval or (
-            float(interval) if _is_num(interval) and interval > 0 else 30.0
+            float(interval) if is_num(interval) and interval > 0 else 30.0
         )
         self._watchdog = self.config.watchdog_timeout or (
-            float(timeout) if _is_num(timeout) and timeout > 0 else 90.0
+            float(timeout) if is_num(timeout) and timeout > 0 else 90.0
         )
         expires = data.get("expires_at")
-        self._expires_at = float(expires) if _is_num(expires) else None
-        self._welcome_window = _welcome_window(data, self.config.policy.max_window)
+        self._expires_at = float(expires) if is_num(expires) else None
+        self._welcome_window = welcome_window(data, self.config.policy.max_window)
         subs = data.get("subscriptions")
         entries = [e for e in subs if isinstance(e, dict)] if isinstance(subs, list) else []
         log.info("connected: session %s on node %s", data.get("session_id"), data.get("node_id"))
@@ -677,7 +678,7 @@ class ConnectionLoop:
             self._token = token
             self.stats.token_refreshes += 1
             new = data.get("expires_at")
-            if _is_num(new):
+            if is_num(new):
                 self._expires_at = float(new)
             await asyncio.sleep(MIN_REFRESH_GAP)
 
@@ -692,7 +693,7 @@ class ConnectionLoop:
 
     # -- internals: incoming ---------------------------------------------------------
     def _on_frame(self, raw: str, t3: float) -> None:
-        msg = _decode(raw)
+        msg = decode(raw)
         if msg is None:
             self.stats.invalid_frames += 1
             log.warning("ignored a frame that is not a JSON object")
@@ -723,7 +724,7 @@ class ConnectionLoop:
         channel, epoch, seq = msg.get("channel"), msg.get("epoch"), msg.get("seq")
         if mtype == "notification":
             verdict = self._tracker.on_notification(msg)
-        elif isinstance(channel, str) and isinstance(epoch, str) and _is_int(seq):
+        elif isinstance(channel, str) and isinstance(epoch, str) and is_int(seq):
             verdict = self._tracker.on_publication(channel, epoch, seq)
         else:
             verdict = Verdict.DELIVER
@@ -745,7 +746,7 @@ class ConnectionLoop:
     def _on_reset(self, msg: Message) -> None:
         data = msg.get("data") or {}
         channel, epoch, seq = data.get("channel"), data.get("epoch"), data.get("seq")
-        if not isinstance(channel, str) or not isinstance(epoch, str) or not _is_int(seq):
+        if not isinstance(channel, str) or not isinstance(epoch, str) or not is_int(seq):
             return
         self._tracker.on_reset(channel, epoch, seq)
         self._recovery_failed(channel, epoch, seq, str(data.get("reason") or "reset"), None)
@@ -813,43 +814,3 @@ class ConnectionLoop:
         task = asyncio.get_running_loop().create_task(coro)
         self._conn_tasks.add(task)
         task.add_done_callback(self._conn_tasks.discard)
-
-
-def _decode(raw: Any) -> Message | None:
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def _is_num(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _header_seconds(headers: Any, name: str) -> float | None:
-    """A header holding seconds (``Retry-After``, ``Reconnect-Window``); None when absent
-    or not a number (an HTTP-date ``Retry-After`` falls back to the backoff)."""
-    if headers is None:
-        return None
-    value = headers.get(name)
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _welcome_window(data: Mapping[str, Any], maximum: float) -> float | None:
-    """A restart window advised in the welcome: ``restart_window`` (s) at the top
-    level or under ``reconnect``."""
-    value = data.get("restart_window")
-    reconnect = data.get("reconnect")
-    if value is None and isinstance(reconnect, Mapping):
-        value = reconnect.get("restart_window")
-    if not _is_num(value):
-        return None
-    return float(min(max(float(value), 0.0), maximum))

@@ -28,9 +28,10 @@ import enum
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any
 
 from ..protocol import StreamPosition
+from ._wire import is_int
 
 __all__ = ["ChannelState", "Tracker", "Verdict", "latest_only"]
 
@@ -151,7 +152,7 @@ class Tracker:
         need: list[str] = []
         for e in entries:
             name, epoch, seq = e.get("channel"), e.get("epoch"), e.get("seq")
-            if not isinstance(name, str) or not isinstance(epoch, str) or not _is_int(seq):
+            if not isinstance(name, str) or not isinstance(epoch, str) or not is_int(seq):
                 continue
             listed.add(name)
             st = self.channels.get(name)
@@ -190,7 +191,7 @@ class Tracker:
         st.recovering = False
         st.entry = dict(entry)
         st.generation = generation
-        if not isinstance(epoch, str) or not _is_int(seq):
+        if not isinstance(epoch, str) or not is_int(seq):
             return True
         if since is not None and entry.get("recovered") is True:
             # Missed publications (since.seq + 1 ...) follow the ack, in order.
@@ -242,7 +243,7 @@ class Tracker:
         (when it has one) only moves the channel's position forward."""
         verdict = Verdict.DELIVER
         name, epoch, seq = message.get("channel"), message.get("epoch"), message.get("seq")
-        if isinstance(name, str) and isinstance(epoch, str) and _is_int(seq):
+        if isinstance(name, str) and isinstance(epoch, str) and is_int(seq):
             st = self.channels.get(name)
             if st is None:
                 self.channels[name] = ChannelState(name, epoch, seq, automatic=True)
@@ -263,7 +264,3 @@ class Tracker:
             if len(self._seen) > self._seen_limit:
                 self._seen.popitem(last=False)
         return verdict
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
