@@ -93,7 +93,7 @@ class Hub(Listening):
 
     @property
     def node(self) -> Any:
-        from revenge_ws.server.ws import NODE
+        from revenge_ws.features.web import NODE
 
         return self.app[NODE]
 

@@ -17,7 +17,7 @@ import yaml
 
 from revenge_ws.app import build_app
 from revenge_ws.config import env_names
-from revenge_ws.server.ws import NODE
+from revenge_ws.features.web import NODE
 
 from .helpers import make_settings
 

@@ -149,3 +149,18 @@ def test_bad_settings_are_refused() -> None:
         PresenceCoalescer(0.0, 1.0)
     with pytest.raises(ValueError, match="grace"):
         PresenceCoalescer(1.0, -1.0)
+
+
+def test_a_large_batch_names_a_bounded_number_of_users() -> None:
+    co = PresenceCoalescer(W, 0.0)
+    for i in range(250):
+        co.online(f"u{i}", f"U{i}", 0.0)
+    for i in range(3):
+        co.offline(f"x{i}", f"X{i}", 0.0)
+    settle(co, 0.0, connected=set())
+    change = flush_at(co, 1.0)
+    assert change is not None
+    data = change.data(100)
+    assert len(data["online"]) == 100 and len(data["offline"]) == 3
+    assert data["more"] == {"online": 150, "offline": 0}
+    assert "more" not in change.data(1000)

@@ -22,14 +22,9 @@ from . import __version__
 from .broker import Broker, open_broker
 from .config import Settings
 from .core.node import Node
+from .features import library, notifications, syncplay, transcode
 from .features.activity import install as install_activity
-from .features.library import DataChangedBody, LibraryEventsBody
-from .features.library import install as install_library
-from .features.notifications import NotifyBody, PreferencesBody
-from .features.notifications import install as install_notifications
-from .features.syncplay import install as install_syncplay
-from .features.transcode import TranscodeBody
-from .features.transcode import install as install_transcode
+from .features.web import NODE
 from .server.admission import EXACT_PATH, KEYED_PATHS
 from .server.direct import Engine
 from .server.http import (
@@ -44,9 +39,10 @@ from .server.http import (
 from .server.listener import guarded, mark_seen
 from .server.logs import AccessLogger, configure_logging
 from .server.metrics import PrometheusObserver
-from .server.openapi import feature_paths, openapi_document, pages_paths, syncplay_paths
+from .server.openapi import openapi_document
 from .server.pages import install as install_pages
-from .server.ws import NODE, websocket_handler
+from .server.pages import openapi_paths as pages_openapi_paths
+from .server.ws import websocket_handler
 from .store import NotificationStore, open_store
 from .syncplay.store import MemoryRoomStore, RoomStore
 
@@ -97,29 +93,21 @@ def build_app(settings: Settings, *, broker: Broker | None = None) -> web.Applic
     )
     app[STORE] = store
     app[PROBES]["store"] = store.ping
-    notifications = install_notifications(node, app, store)
-    install_transcode(node, app)
-    install_library(node, app)
+    notes = notifications.install(node, app, store)
+    transcode.install(node, app)
+    library.install(node, app)
     install_activity(node)
     rooms = open_room_store(settings, node)
-    syncplay = install_syncplay(node, app, rooms)
-    models.update(
-        {
-            "NotifyBody": NotifyBody,
-            "TranscodeBody": TranscodeBody,
-            "LibraryEventsBody": LibraryEventsBody,
-            "DataChangedBody": DataChangedBody,
-            "PreferencesBody": PreferencesBody,
-        }
-    )
-    app[OPENAPI] = openapi_document(
-        models,
-        {
-            **feature_paths(),
-            **syncplay_paths(),
-            **(pages_paths() if settings.server.static else {}),
-        },
-    )
+    party = syncplay.install(node, app, rooms)
+    # Each feature declares its routes' OpenAPI paths and the bodies they name.
+    paths: dict[str, Any] = {}
+    for feature in (notifications, transcode, library):
+        models.update(feature.OPENAPI_MODELS)
+        paths.update(feature.openapi_paths())
+    paths.update(syncplay.openapi_paths())
+    if settings.server.static:
+        paths.update(pages_openapi_paths())
+    app[OPENAPI] = openapi_document(models, paths)
     app.router.add_routes(routes())
     if settings.server.static:
         install_pages(app)
@@ -139,10 +127,10 @@ def build_app(settings: Settings, *, broker: Broker | None = None) -> web.Applic
         await store.start()
         await node.start()
         node.spawn(
-            notifications.cleanup_forever(settings.notifications.cleanup_interval),
+            notes.cleanup_forever(settings.notifications.cleanup_interval),
             name="notification-retention",
         )
-        node.spawn(syncplay.tick_forever(), name="syncplay-timeouts")
+        node.spawn(party.tick_forever(), name="syncplay-timeouts")
 
     async def on_shutdown(app: web.Application) -> None:
         await node.stop()

@@ -59,6 +59,9 @@ class ServerSettings(_Section):
     #: 0.1 s of work at ~1 ms each: enough to keep a core busy, short enough that a client
     #: never waits long behind the queue.
     max_pending_handshakes: int = Field(128, ge=1)
+    #: A node whose event loop runs later than this (s) answers new handshakes 503 at once,
+    #: so that the work it has accepted finishes while its clients still wait; 0: never.
+    max_loop_lag: float = Field(0.5, ge=0, le=60)
     #: Serve the dashboard/demo pages and the JS client.
     static: bool = True
     #: Seconds over which clients told to come back (1001, 1012, 4002-4004 closes: their
@@ -213,6 +216,10 @@ class ActivitySettings(_Section):
     #: A user is reported offline only after their last connection has been closed this
     #: long (s), so restarts and reconnects do not flap.
     offline_grace: float = Field(10.0, ge=0, le=3600)
+    #: Users an ``activity.presence`` names at most in each list (fewer, down to 10, on a
+    #: node with thousands of subscribers on ``activity``); beyond, ``more`` counts those
+    #: left out (a restart of a large node must not cost N² bytes).
+    presence_max_users: int = Field(100, ge=1, le=100_000)
 
 
 class SyncplaySettings(_Section):

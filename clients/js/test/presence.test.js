@@ -38,3 +38,12 @@ test("parsePresence keeps well-formed entries only", () => {
   assert.equal(parsePresence({ type: "activity.user_online", data: { user_id: "a" } }), null);
   assert.equal(parsePresence(null), null);
 });
+
+test("parsePresence keeps the count of users a large batch left out", () => {
+  const msg = presence(["ann"], []);
+  assert.equal(parsePresence(msg).more, undefined);
+  msg.data.more = { online: 150, offline: 0 };
+  assert.deepEqual(parsePresence(msg).more, { online: 150, offline: 0 });
+  msg.data.more = { online: "many" };
+  assert.equal(parsePresence(msg).more, undefined);
+});

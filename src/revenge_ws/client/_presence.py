@@ -9,7 +9,7 @@ snapshot: a tracker knows the users whose changes it has seen since it started.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 __all__ = ["OnlineUsers", "PresenceData", "PresenceUser", "parse_presence"]
 
@@ -23,12 +23,20 @@ class PresenceUser(TypedDict):
     name: str
 
 
+class PresenceCounts(TypedDict):
+    online: int
+    offline: int
+
+
 class PresenceData(TypedDict):
     """The ``data`` of ``activity.presence``: who came online and who went offline since
-    the previous one (a user is in at most one of the lists)."""
+    the previous one (a user is in at most one of the lists). ``more``, when present,
+    counts the users a large batch left out of the lists (the hub names at most
+    ``activity.presence_max_users`` per list)."""
 
     online: list[PresenceUser]
     offline: list[PresenceUser]
+    more: NotRequired[PresenceCounts]
 
 
 def _users(value: object) -> list[PresenceUser]:
@@ -51,7 +59,16 @@ def parse_presence(message: Mapping[str, Any]) -> PresenceData | None:
     data = message.get("data")
     if not isinstance(data, Mapping):
         return None
-    return {"online": _users(data.get("online")), "offline": _users(data.get("offline"))}
+    change: PresenceData = {
+        "online": _users(data.get("online")),
+        "offline": _users(data.get("offline")),
+    }
+    more = data.get("more")
+    if isinstance(more, Mapping):
+        counts = [more.get("online"), more.get("offline")]
+        if all(isinstance(n, int) and not isinstance(n, bool) for n in counts):
+            change["more"] = {"online": int(more["online"]), "offline": int(more["offline"])}
+    return change
 
 
 class OnlineUsers:

@@ -11,6 +11,7 @@ and the spread window the node advises to clients it turns away or asks to come 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from typing import TYPE_CHECKING
@@ -23,10 +24,12 @@ from .ratelimit import TokenBucket
 if TYPE_CHECKING:
     from .node import Node
 
-__all__ = ["MAX_WINDOW", "Admission", "HandshakeGate"]
+__all__ = ["LAG_PROBE_INTERVAL", "MAX_WINDOW", "Admission", "HandshakeGate", "LagMeter"]
 
 #: The longest spread window a node advises (s).
 MAX_WINDOW = 300.0
+#: How often the node's loop-lag probe wakes (s).
+LAG_PROBE_INTERVAL = 0.05
 
 
 class HandshakeGate:
@@ -71,6 +74,7 @@ class Admission:
         server = node.settings.server
         self.accept = TokenBucket(server.accept_rate, server.accept_burst, time.monotonic())
         self.handshakes = HandshakeGate(server.max_pending_handshakes)
+        self.lag = LagMeter(server.max_loop_lag)
         #: Admitted, not opened yet: their connection count is released if they never open.
         self.admitted: set[str] = set()
         #: The user's cluster-wide connection count each admitted connection saw.
@@ -137,7 +141,51 @@ class Admission:
             return await self.node.call(presence.remove_connection(claims.sub, session_id))
         return -1
 
+    async def watch_lag(self) -> None:
+        """The probe of :class:`LagMeter`: runs for the node's life."""
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(LAG_PROBE_INTERVAL)
+            now = loop.time()
+            self.lag.record(now - start - LAG_PROBE_INTERVAL, now)
+
+    def overloaded(self) -> bool:
+        return self.lag.overloaded(asyncio.get_running_loop().time())
+
     def opened(self, session_id: str) -> bool:
         """The connection is open: True when it is its user's first cluster-wide."""
         self.admitted.discard(session_id)
         return self.counts.pop(session_id, 0) == 1
+
+
+class LagMeter:
+    """How late the node's event loop runs: the node's own measure of overload.
+
+    A probe that should wake every few tens of milliseconds reports how late it woke
+    (:meth:`record`); :meth:`overloaded` is true while the worst lateness of the last
+    ``horizon`` seconds is over ``limit``. A saturated loop (fan-out, handshakes, anything)
+    makes every new handshake wait behind the work already queued; past the limit the
+    node says 503 at once instead, so that what it accepts finishes while its client
+    still waits. Pure: no clock of its own.
+    """
+
+    __slots__ = ("_at", "_worst", "horizon", "limit")
+
+    def __init__(self, limit: float, horizon: float = 1.0) -> None:
+        self.limit = limit
+        self.horizon = horizon
+        self._worst = 0.0
+        self._at = 0.0
+
+    def record(self, lateness: float, now: float) -> None:
+        if lateness >= self._worst or now - self._at > self.horizon:
+            self._worst = max(0.0, lateness)
+            self._at = now
+
+    def lag(self, now: float) -> float:
+        """The worst lateness seen within the horizon (0 when none)."""
+        return self._worst if now - self._at <= self.horizon else 0.0
+
+    def overloaded(self, now: float) -> bool:
+        return self.limit > 0 and self.lag(now) > self.limit

@@ -144,6 +144,8 @@ class Node:
         self.on_server_subscription: list[SubscriptionHook] = []
         self.clock: Callable[[], float] = time.monotonic
         self.closing = False
+        #: The spread window the closing node advised to its clients (s).
+        self.stop_window = 0.0
         self.started_at = time.time()
         #: Connect hooks still running, by session id.
         self._connecting: dict[str, asyncio.Task[Any]] = {}
@@ -174,6 +176,8 @@ class Node:
     async def start(self) -> None:
         await self.broker.start(self)
         self._sweeper = asyncio.create_task(self._sweep(), name="revenge-sweeper")
+        if self.settings.server.max_loop_lag > 0:
+            self.spawn(self.admission.watch_lag(), name="loop-lag")
 
     async def stop(self, code: int = CloseCode.SERVICE_RESTART, reason: str | None = None) -> None:
         """Refuse new connections, run the stop hooks (flush batches, tell admins), then
@@ -184,6 +188,7 @@ class Node:
         turn into a reconnect storm.
         """
         window = self.admission.spread_window()
+        self.stop_window = window
         if reason is None:
             reason = "restart"
         if not self.closing:

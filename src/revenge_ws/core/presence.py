@@ -14,6 +14,10 @@ Rules:
   net changes since the last publication: a user who came and went within it is in
   neither list, and so is one who went and came back. So N users arriving within T
   seconds cost at most T / window + 1 publications, not N.
+* A publication names at most ``max_users`` users each way (the driver's setting): a
+  batch larger than that (a restart of a node with thousands of users) is published with
+  the users it names and ``more``: how many it leaves out. Every subscriber receives every
+  publication, so listing N users to N subscribers would cost N² bytes.
 * A user's last close starts a grace of ``grace`` seconds. Coming back (anywhere: the
   driver confirms with the cluster-wide count) cancels it, so a restart or a reconnect
   never reports anyone offline; only a confirmed absence enters the batch.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["PresenceChange", "PresenceCoalescer"]
 
@@ -34,12 +39,21 @@ class PresenceChange:
     online: dict[str, str]
     offline: dict[str, str]
 
-    def data(self) -> dict[str, list[dict[str, str]]]:
-        """The ``activity.presence`` payload."""
-        return {
-            "online": [{"user_id": u, "name": n} for u, n in self.online.items()],
-            "offline": [{"user_id": u, "name": n} for u, n in self.offline.items()],
+    def data(self, max_users: int | None = None) -> dict[str, Any]:
+        """The ``activity.presence`` payload; each list holds at most ``max_users`` users,
+        and ``more`` counts those left out (only when some were)."""
+        lists = {
+            key: [{"user_id": u, "name": n} for u, n in changes.items()][:max_users]
+            for key, changes in (("online", self.online), ("offline", self.offline))
         }
+        left = {
+            "online": len(self.online) - len(lists["online"]),
+            "offline": len(self.offline) - len(lists["offline"]),
+        }
+        out: dict[str, Any] = dict(lists)
+        if left["online"] or left["offline"]:
+            out["more"] = left
+        return out
 
 
 class PresenceCoalescer:

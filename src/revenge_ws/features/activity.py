@@ -45,6 +45,11 @@ log = logging.getLogger("revenge_ws.activity")
 MARK_SLACK = 5.0
 #: Offline candidates checked against the broker per round (bounds one round's work).
 CHECK_BATCH = 500
+#: What one publication's names may cost this node in writes (bytes, all subscribers
+#: together), the size of one named user in it, and the fewest names a publication has.
+WINDOW_BYTES = 4_000_000
+ENTRY_BYTES = 48
+MIN_USERS = 10
 
 
 def _mark(user_id: str) -> str:
@@ -74,19 +79,30 @@ class PresenceFeed:
         node, co = self.node, self.coalescer
         if node.closing:
             # The node restarts: its users are coming back, not leaving; no grace here.
-            # The mark still tells the node they come back to that they never left.
+            # The mark still tells the node they come back to that they never left: it
+            # lasts the spread window they were told to come back within, plus the grace.
             if node.broker_in_process:
                 return  # the broker dies with this process: nobody would read it
-            deadline = self.clock() + co.grace
+            deadline = self.clock() + node.stop_window + co.grace
         else:
             deadline = co.offline(conn.user_id, conn.claims.display_name, self.clock())
             self._kick()
         with contextlib.suppress(BrokerUnavailable):
             await node.call(
                 node.broker.set_value(
-                    _mark(conn.user_id), _ms(deadline), co.grace + co.window + MARK_SLACK
+                    _mark(conn.user_id),
+                    _ms(deadline),
+                    deadline - self.clock() + co.window + MARK_SLACK,
                 )
             )
+
+    def max_users(self) -> int:
+        """Users a publication names per list: ``activity.presence_max_users``, fewer when
+        this node has so many subscribers on ``activity`` that naming them all would
+        write more than :data:`WINDOW_BYTES` (each name goes to every subscriber)."""
+        subscribers = len(self.node.hub.channels.get("activity", ()))
+        by_bytes = WINDOW_BYTES // (ENTRY_BYTES * max(1, subscribers))
+        return max(MIN_USERS, min(self.node.settings.activity.presence_max_users, by_bytes))
 
     async def stop(self) -> None:
         """Publish the open batch now; forget the graces (a restart is not an absence)."""
@@ -161,7 +177,8 @@ class PresenceFeed:
         change = co.flush(now, force=force)
         if change is None:
             return
-        await self.node.publish("activity", "activity.presence", change.data())
+        data = change.data(self.max_users())
+        await self.node.publish("activity", "activity.presence", data)
         self.published += 1
 
 

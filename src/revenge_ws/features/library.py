@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..core.channels import parse_channel
 from ..core.node import Node
 from ..exceptions import BrokerUnavailable
-from ..server.http import backend_auth, json_body, json_response
+from .web import backend_auth, json_body, json_response, op, path_param
 
 __all__ = ["Coalescer", "install"]
 
@@ -189,3 +189,32 @@ def install(node: Node, app: web.Application) -> tuple[Coalescer, Debouncer]:
     app.router.add_post("/api/v1/realtime/library/{library_id}/events", library_events)
     app.router.add_post("/api/v1/realtime/user/{user_id}/data_changed", data_changed)
     return library, users
+
+
+def openapi_paths() -> dict[str, Any]:
+    """This feature's HTTP routes, for ``/api/v1/openapi.json``."""
+    return {
+        "/api/v1/realtime/library/{library_id}/events": {
+            "post": op(
+                "Library item events, coalesced into library.changed",
+                security="backend",
+                body="LibraryEventsBody",
+                params=[path_param("library_id")],
+            )
+        },
+        "/api/v1/realtime/user/{user_id}/data_changed": {
+            "post": op(
+                "A user's data changed (debounced user.data_changed)",
+                security="backend",
+                body="DataChangedBody",
+                params=[path_param("user_id")],
+            )
+        },
+    }
+
+
+#: The request bodies :func:`openapi_paths` names.
+OPENAPI_MODELS: dict[str, type[BaseModel]] = {
+    "LibraryEventsBody": LibraryEventsBody,
+    "DataChangedBody": DataChangedBody,
+}

@@ -23,8 +23,8 @@ from ..core.connection import Connection
 from ..core.node import Node, Request
 from ..exceptions import BrokerUnavailable, RequestError, StoreUnavailable
 from ..protocol import encode
-from ..server.http import backend_auth, json_body, json_response, user_auth
 from ..store.base import Notification, NotificationStore
+from .web import backend_auth, json_body, json_response, op, path_param, query_param, user_auth
 
 __all__ = ["NotifyBody", "install"]
 
@@ -277,3 +277,71 @@ def install(node: Node, app: web.Application, store: NotificationStore) -> Notif
     app.router.add_get("/api/v1/notifications/preferences", feature.http_preferences)
     app.router.add_put("/api/v1/notifications/preferences", feature.http_preferences)
     return feature
+
+
+def openapi_paths() -> dict[str, Any]:
+    """This feature's HTTP routes, for ``/api/v1/openapi.json``."""
+    listing = {
+        "type": "object",
+        "properties": {
+            "items": {"type": "array", "items": {"type": "object"}},
+            "unread_count": {"type": "integer"},
+        },
+    }
+    return {
+        "/api/v1/realtime/notify": {
+            "post": op(
+                "Store and push a notification to one or more users",
+                security="backend",
+                body="NotifyBody",
+                ok={
+                    "type": "object",
+                    "properties": {
+                        "ids": {"type": "array", "items": {"type": "string"}},
+                        "created": {"type": "array", "items": {"type": "string"}},
+                        "pushed": {"type": "integer"},
+                    },
+                },
+            )
+        },
+        "/api/v1/notifications": {
+            "get": op(
+                "The caller's notifications, newest first",
+                security="user",
+                ok=listing,
+                params=[
+                    query_param("unread", "boolean"),
+                    query_param("limit", "integer"),
+                    query_param("before"),
+                ],
+                errors=(400, 401, 404, 503),
+            )
+        },
+        "/api/v1/notifications/{id}/read": {
+            "patch": op(
+                "Mark one notification read",
+                security="user",
+                params=[path_param("id")],
+                errors=(401, 404, 503),
+            )
+        },
+        "/api/v1/notifications/read-all": {
+            "post": op("Mark every notification read", security="user", errors=(401, 503))
+        },
+        "/api/v1/notifications/preferences": {
+            "get": op("Which types are pushed in-app", security="user", errors=(401, 503)),
+            "put": op(
+                "Set which types are pushed in-app",
+                security="user",
+                body="PreferencesBody",
+                errors=(400, 401, 503),
+            ),
+        },
+    }
+
+
+#: The request bodies :func:`openapi_paths` names.
+OPENAPI_MODELS: dict[str, type[BaseModel]] = {
+    "NotifyBody": NotifyBody,
+    "PreferencesBody": PreferencesBody,
+}

@@ -26,10 +26,11 @@ from ..core.connection import Connection
 from ..core.node import Endpoint, Node, Request
 from ..exceptions import BrokerUnavailable, ProtocolError, RequestError
 from ..protocol import encode_message, now_ms
-from ..server.http import json_response, read_body, user_auth
 from ..syncplay import machine
 from ..syncplay.machine import Actor, Direct, Outcome, Publish, Room, Subscribe, Unsubscribe
 from ..syncplay.store import RoomStore
+from .web import json_response, path_param, read_body, user_auth
+from .web import op as web_op
 
 __all__ = ["SyncPlay", "engine_settings", "install"]
 
@@ -361,3 +362,46 @@ def install(node: Node, app: web.Application, store: RoomStore) -> SyncPlay:
     r.add_post(f"{base}/rooms/{{room_id}}/invitations", feature._rest("invite", body=True))
     r.add_get(f"{base}/invitations/{{code}}", feature.rest_invitation)
     return feature
+
+
+def openapi_paths() -> dict[str, Any]:
+    """SyncPlay REST (contract §9): user JWT; bodies are the WebSocket requests' data."""
+    base = "/api/v1/syncplay"
+    room = [path_param("room_id")]
+    errors = (400, 401, 403, 404, 409, 503)
+    obj = {"type": "object"}
+
+    def op(
+        summary: str, params: list[dict[str, Any]] | None = None, body: bool = False
+    ) -> dict[str, Any]:
+        o = web_op(summary, security="user", params=params, errors=errors)
+        if body:
+            o["requestBody"] = {"required": False, "content": {"application/json": {"schema": obj}}}
+        return o
+
+    return {
+        f"{base}/rooms": {
+            "get": op("Rooms the caller may see"),
+            "post": op("Create a room (data of syncplay.create)", body=True),
+        },
+        f"{base}/rooms/{{room_id}}": {
+            "get": op("A room, its state and members", room),
+            "put": op("Change a room's settings (leader)", room, body=True),
+            "delete": op("End a room (leader or admin)", room),
+        },
+        f"{base}/rooms/{{room_id}}/join": {
+            "post": op("Join (password or invite_code)", room, body=True)
+        },
+        f"{base}/rooms/{{room_id}}/leave": {"post": op("Leave", room)},
+        f"{base}/rooms/{{room_id}}/participants": {"get": op("Members", room)},
+        f"{base}/rooms/{{room_id}}/chat": {
+            "get": op("Chat history", room),
+            "post": op("Send a chat message", room, body=True),
+        },
+        f"{base}/rooms/{{room_id}}/invitations": {
+            "post": op("Create an invitation code", room, body=True)
+        },
+        f"{base}/invitations/{{code}}": {
+            "get": op("The room an invitation code admits to", [path_param("code")])
+        },
+    }

@@ -21,7 +21,7 @@ from ..core.channels import Family, parse_channel
 from ..core.control import EndChannel, SubscribeUser
 from ..core.node import Node
 from ..exceptions import RequestError
-from ..server.http import backend_auth, json_body, json_response
+from .web import backend_auth, json_body, json_response, op, path_param
 
 __all__ = ["TranscodeBody", "install"]
 
@@ -85,3 +85,22 @@ def install(node: Node, app: web.Application) -> Transcode:
     node.policy.set_checker(Family.TRANSCODE, feature.may_subscribe)
     app.router.add_post("/api/v1/realtime/transcode/{job_id}", feature.http_event)
     return feature
+
+
+def openapi_paths() -> dict[str, Any]:
+    """This feature's HTTP routes, for ``/api/v1/openapi.json``."""
+    return {
+        "/api/v1/realtime/transcode/{job_id}": {
+            "post": op(
+                "A transcoding job's event (progress, complete, error)",
+                security="backend",
+                body="TranscodeBody",
+                params=[path_param("job_id")],
+                errors=(400, 401, 403, 409, 503),
+            )
+        },
+    }
+
+
+#: The request bodies :func:`openapi_paths` names.
+OPENAPI_MODELS: dict[str, type[BaseModel]] = {"TranscodeBody": TranscodeBody}

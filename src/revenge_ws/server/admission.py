@@ -21,6 +21,7 @@ from ..core.connection import Connection
 from ..core.node import Endpoint, Node
 from ..core.session import Close
 from ..exceptions import AuthError, ProtocolError
+from ..features.web import extract_token
 from .errors import UNAVAILABLE, UNAVAILABLE_ERRORS, Refusal
 
 __all__ = [
@@ -71,14 +72,6 @@ class Upgrade:
 Admitted = tuple[Claims, str, tuple[str, ...], str | None]
 
 
-def extract_token(request: web.Request | Upgrade) -> str | None:
-    """The token from, in this order: ``Authorization: Bearer``, ``?token=``, cookie."""
-    header = request.headers.get("Authorization", "") or ""
-    if header[:7].lower() == "bearer ":
-        return str(header[7:].strip())
-    return request.query.get("token") or request.cookies.get("auth_token")
-
-
 def origin_allowed(up: Upgrade, allowed: list[str]) -> bool:
     origin = up.headers.get("Origin")
     # A request without Origin is a native app, not a browser: the contract lets it pass.
@@ -102,17 +95,18 @@ def control_frame(node: Node, conn: Connection) -> bool:
 def enter_handshake(node: Node) -> Refusal | None:
     """Take one of the node's places for a handshake in progress (contract v1.1 §12),
     before anything about the request is looked at, its token included. None when
-    taken: the adapter gives it back (``node.admission.handshakes.leave()``) once the connection is
-    open or refused. Else the 503 to answer."""
-    if node.admission.handshakes.enter():
+    taken: the adapter gives it back (``node.admission.handshakes.leave()``) once the
+    connection is open or refused. Else the 503 to answer: no place left, or the node's
+    loop runs late (``server.max_loop_lag``)."""
+    admission = node.admission
+    if admission.overloaded():
+        reason = "the node is overloaded, retry later"
+    elif admission.handshakes.enter():
         return None
+    else:
+        reason = "too many handshakes in progress, retry later"
     node.observer.handshake_refused(ErrorCode.UNAVAILABLE.value)
-    return Refusal(
-        ErrorCode.UNAVAILABLE,
-        "too many handshakes in progress, retry later",
-        1,
-        node.admission.spread_window(),
-    )
+    return Refusal(ErrorCode.UNAVAILABLE, reason, 1, admission.spread_window())
 
 
 async def admit(up: Upgrade, node: Node) -> Refusal | Admitted:

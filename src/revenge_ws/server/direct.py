@@ -3,9 +3,9 @@
 Why it exists: aiohttp keeps ~14 KiB per idle WebSocket (the parsed upgrade request, its
 HTTP protocol with two deques, the WebSocket reader, parser and writer, and a handler
 task that lives as long as the socket) — more than the hub's whole budget of 16 KiB per
-connection (docs/performance.md §2). A socket whose FIRST request is an upgrade to one of
+connection (docs/performance.md §4). A socket whose FIRST request is an upgrade to one of
 the hub's WebSocket paths is therefore taken before aiohttp ever sees it
-(:class:`Engine.wants`, called by the listener's first-request guard in ``app.py``):
+(:class:`Engine.wants`, called by the listener's first-request guard, ``server/listener.py``):
 websockets' :class:`~websockets.server.ServerProtocol` parses the handshake and the
 frames, the same admission as the aiohttp path (:func:`.ws.admit`) decides, and the
 connection is then one :class:`Socket` object — no task while it is idle.

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from aiohttp import WSMsgType, web
 
-from .ws import NODE, close_reply
+from ..features.web import NODE
+from .ws import close_reply
 
 __all__ = ["echo_handler"]
 

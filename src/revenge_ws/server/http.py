@@ -6,7 +6,6 @@ Every refusal is ``{"error": {"code", "message"}}`` with the status of its code.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -16,22 +15,28 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
-from ..auth import Claims, check_api_key
 from ..codes import ErrorCode
 from ..core.channels import parse_channel
 from ..core.node import Node
 from ..exceptions import (
-    AuthError,
     BrokerUnavailable,
     ProtocolError,
 )
+from ..features.web import (
+    NODE,
+    BodyTimeout,
+    backend_auth,
+    json_body,
+    json_response,
+    read_body,
+    user_auth,
+)
 from ..protocol import StreamPosition, now_ms
-from .admission import extract_token
 from .errors import UNAVAILABLE_ERRORS, error_response, unavailable_response
-from .ws import NODE, websocket_handler
+from .ws import websocket_handler
 
 __all__ = [
     "BodyTimeout",
@@ -67,72 +72,6 @@ class DisconnectBody(_Body):
 
 class RevokeBody(_Body):
     user_id: str = Field(min_length=1, max_length=128)
-
-
-def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
-
-
-class BodyTimeout(Exception):
-    """The request body did not arrive within ``server.body_timeout``."""
-
-
-async def read_body(request: web.Request) -> bytes:
-    """The whole request body, within ``server.body_timeout`` seconds of starting to read.
-
-    Every body is read through here: aiohttp has no body-read timeout of its own, so an
-    authenticated caller trickling its body would otherwise hold the request, and its
-    socket, for as long as it likes. A whole-body deadline rather than an idle timeout,
-    which one byte now and then would keep alive.
-    """
-    timeout = request.app[NODE].settings.server.body_timeout
-    try:
-        async with asyncio.timeout(timeout):
-            return await request.read()
-    except TimeoutError:
-        raise BodyTimeout(f"the request body did not arrive within {timeout:g} s") from None
-
-
-async def json_body(request: web.Request, model: type[M]) -> M:
-    """Parse and validate a JSON body; INVALID_JSON / INVALID_MESSAGE / TOO_LARGE."""
-    raw = await read_body(request)
-    try:
-        obj = orjson.loads(raw or b"{}")
-    except orjson.JSONDecodeError:
-        raise ProtocolError(ErrorCode.INVALID_JSON, "the body is not valid JSON") from None
-    try:
-        return model.model_validate(obj)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"{where}: {err['msg']}") from None
-
-
-def user_auth(request: web.Request) -> Claims:
-    """The caller's JWT claims (Bearer header, ``?token=`` or cookie)."""
-    try:
-        return request.app[NODE].authenticate(extract_token(request))
-    except AuthError as exc:
-        raise ProtocolError(ErrorCode.UNAUTHORIZED, exc.message) from None
-
-
-def backend_auth(request: web.Request) -> str:
-    """An API key or an admin JWT; returns who called (for logs, never the key)."""
-    node = request.app[NODE]
-    header = request.headers.get("Authorization", "")
-    if header[:7].lower() != "bearer ":
-        raise ProtocolError(ErrorCode.UNAUTHORIZED, "send Authorization: Bearer <api key or JWT>")
-    cred = header[7:].strip()
-    keys = [k.get_secret_value() for k in node.settings.api.keys]
-    if keys and check_api_key(cred, keys):
-        return "api-key"
-    try:
-        claims = node.authenticate(cred)
-    except AuthError:
-        raise ProtocolError(ErrorCode.UNAUTHORIZED, "unknown API key or invalid token") from None
-    if not claims.is_admin:
-        raise ProtocolError(ErrorCode.FORBIDDEN, "the backend API needs an admin token")
-    return f"admin:{claims.sub}"
 
 
 @web.middleware

@@ -27,8 +27,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
+from typing import Any
 
 from aiohttp import web
+
+from ..features.web import path_param
 
 __all__ = ["PAGES", "StaticFiles", "install"]
 
@@ -164,3 +167,32 @@ def install(app: web.Application, *, files: StaticFiles | None = None) -> Static
     app.router.add_get("/dashboard/", slash)
     app.router.add_get("/assets/{name}", asset)
     return static
+
+
+def openapi_paths() -> dict[str, Any]:
+    """The pages and the JS client the hub serves (``server.static``)."""
+
+    def static(
+        summary: str, media: str, params: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        op: dict[str, Any] = {
+            "summary": summary,
+            "responses": {
+                "200": {"description": "OK", "content": {media: {"schema": {"type": "string"}}}},
+                "304": {"description": "Not modified (ETag)"},
+            },
+        }
+        if params:
+            op["parameters"] = params
+            op["responses"]["404"] = {"$ref": "#/components/responses/Error"}
+        return {"get": op}
+
+    return {
+        "/client/revenge-ws.js": static("The JavaScript client (ES module)", "text/javascript"),
+        "/client/revenge-ws.d.ts": static("Its TypeScript types", "application/typescript"),
+        "/demo": static("Demo page: notifications, transcodes, watch party", "text/html"),
+        "/demo/": static("Redirects to /demo", "text/html"),
+        "/dashboard": static("Live dashboard for admins", "text/html"),
+        "/dashboard/": static("Redirects to /dashboard", "text/html"),
+        "/assets/{name}": static("Page assets", "application/octet-stream", [path_param("name")]),
+    }

@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from ..codes import CloseCode
-from ..core.node import Node
+from ..features.web import NODE
 from ..protocol import SUBPROTOCOL, now_ms
 from .admission import (
     Upgrade,
@@ -34,7 +34,6 @@ from .errors import Refusal
 __all__ = ["AiohttpTransport", "close_reply", "websocket_handler"]
 
 log = logging.getLogger("revenge_ws.ws")
-NODE: web.AppKey[Node] = web.AppKey("node", Node)
 #: A close handshake gets this long before the socket is simply dropped (s).
 CLOSE_TIMEOUT = 2.0
 _PING_FRAME = b"\x89\x00"
@@ -116,6 +115,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             return admitted.response()
         claims, session_id, extra, room_id = admitted
         try:
+            if request.transport is None or request.transport.is_closing():
+                return web.Response(status=400)  # left during the checks
             ws = web.WebSocketResponse(
                 protocols=(SUBPROTOCOL,),
                 compress=False,

@@ -116,6 +116,8 @@ export interface PresenceUser {
 export interface PresenceData {
   online: PresenceUser[];
   offline: PresenceUser[];
+  /** Present when the hub named only some users (a large batch): how many it left out. */
+  more?: { online: number; offline: number };
 }
 export declare function parsePresence(msg: unknown): PresenceData | null;
 /** Who is online, from the `activity.presence` messages seen since it was created. */

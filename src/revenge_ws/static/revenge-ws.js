@@ -1808,13 +1808,19 @@ function presenceUsers(value) {
  * The data of an `activity.presence` message (contract §11), malformed entries dropped;
  * null for any other message.
  * @param {any} msg
- * @returns {{online: {user_id: string, name: string}[], offline: {user_id: string, name: string}[]} | null}
+ * @returns {{online: {user_id: string, name: string}[], offline: {user_id: string, name: string}[], more?: {online: number, offline: number}} | null}
  */
 export function parsePresence(msg) {
   if (msg?.type !== "activity.presence") return null;
   const data = msg.data;
   if (!data || typeof data !== "object" || Array.isArray(data)) return null;
-  return { online: presenceUsers(data.online), offline: presenceUsers(data.offline) };
+  const change = { online: presenceUsers(data.online), offline: presenceUsers(data.offline) };
+  // A large batch names some users and counts the rest (extension f28).
+  const more = data.more;
+  if (more && typeof more === "object" && Number.isInteger(more.online) && Number.isInteger(more.offline)) {
+    change.more = { online: more.online, offline: more.offline };
+  }
+  return change;
 }
 
 /**
