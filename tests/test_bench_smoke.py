@@ -74,3 +74,27 @@ def test_idle_memory_breakdown_smoke() -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     assert "engine direct: 20 idle connections" in run.stdout
     assert "| bytes / connection |" in run.stdout and "by package: " in run.stdout
+
+
+@pytest.mark.timeout(120)
+def test_reconnect_cost_smoke(tmp_path: Path) -> None:
+    """``bench/reconnect.py`` keeps working: a few full reconnects against the hub and
+    bare handshakes against aiohttp, one JSON result (numbers not judged)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "reconnect.json"
+    small = ["--users", "20", "--passes", "1", "--concurrency", "4"]
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.reconnect", *small, "--quiet", "--out-json", str(out)],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == []
+    assert result["hub"]["reconnects"] == 20 and result["bare"]["reconnects"] == 20
+    assert result["hub"]["server_us"] > 0 and result["ratio"] > 0
