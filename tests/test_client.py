@@ -285,6 +285,14 @@ def test_parse_presence_keeps_well_formed_entries_only() -> None:
     assert parse_presence(msg) == {"online": [{"user_id": "ann", "name": "ann"}], "offline": []}
     assert parse_presence({"type": "activity.presence", "data": []}) is None
     assert parse_presence({"type": "activity.user_online", "data": {"user_id": "a"}}) is None
+    big = {"type": "activity.presence", "data": {"online": [], "offline": [], "more": {}}}
+    assert parse_presence(big) == {"online": [], "offline": []}  # malformed counts dropped
+    big["data"]["more"] = {"online": 150, "offline": 0}
+    assert parse_presence(big) == {
+        "online": [],
+        "offline": [],
+        "more": {"online": 150, "offline": 0},
+    }
 
 
 # -- Tracker (pure) ------------------------------------------------------------------
