@@ -190,7 +190,7 @@ async def serve(
         settings.server.host,
         settings.server.port,
         reuse_address=True,
-        backlog=4096,
+        backlog=settings.server.listen_backlog,
     )
     port = server.sockets[0].getsockname()[1]
     log.info(

@@ -61,7 +61,12 @@ class ServerSettings(_Section):
     max_pending_handshakes: int = Field(128, ge=1)
     #: A node whose event loop runs later than this (s) answers new handshakes 503 at once,
     #: so that the work it has accepted finishes while its clients still wait; 0: never.
-    max_loop_lag: float = Field(0.5, ge=0, le=60)
+    max_loop_lag: float = Field(2.0, ge=0, le=60)
+    #: Connections the kernel holds for the node before it accepts them. Short on purpose:
+    #: a connection that waits in this queue longer than its client does is work done for
+    #: nobody; past it the client's TCP retries its SYN (after 1 s, then 2 s, ...), a
+    #: spread by itself. 256 is a fraction of a second of a busy node's handshakes.
+    listen_backlog: int = Field(256, ge=16, le=65535)
     #: Serve the dashboard/demo pages and the JS client.
     static: bool = True
     #: Seconds over which clients told to come back (1001, 1012, 4002-4004 closes: their
