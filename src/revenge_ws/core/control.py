@@ -106,32 +106,26 @@ def _str(raw: dict[str, Any], key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _int(raw: dict[str, Any], key: str) -> int | None:
+    value = raw.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def decode(raw: dict[str, Any]) -> ControlMessage | None:
     """The message ``raw`` describes, or None when it is unknown or malformed."""
     op = raw.get("op")
     user = _str(raw, "user_id")
     if op in ("disconnect", "revoke") and user is not None:
-        code = raw.get("code")
-        reason = _str(raw, "reason")
         if op == "revoke":
             return Revoke(user)
-        return Disconnect(
-            user,
-            code
-            if isinstance(code, int) and not isinstance(code, bool)
-            else CloseCode.DISCONNECTED,
-            (reason or "")[:120],
-        )
+        code = _int(raw, "code")
+        reason = _str(raw, "reason") or ""
+        return Disconnect(user, CloseCode.DISCONNECTED if code is None else code, reason[:120])
     if op == "subscribe_user" and user is not None and (ch := _str(raw, "channel")):
         return SubscribeUser(user, ch)
     if op == "session" and (sid := _str(raw, "session_id")) and raw.get("action") in _ACTIONS:
-        after = raw.get("after_seq")
         return SessionAction(
-            sid,
-            raw["action"],
-            _str(raw, "channel"),
-            _str(raw, "payload"),
-            after if isinstance(after, int) and not isinstance(after, bool) else None,
+            sid, raw["action"], _str(raw, "channel"), _str(raw, "payload"), _int(raw, "after_seq")
         )
     if op == "end_channel" and (ch := _str(raw, "channel")):
         return EndChannel(ch)

@@ -67,8 +67,6 @@ class PresenceFeed:
         self.coalescer = PresenceCoalescer(cfg.presence_window, cfg.offline_grace)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        #: Publications made (observability and tests).
-        self.published = 0
 
     # -- hooks -------------------------------------------------------------------------
     async def online(self, conn: Connection) -> None:
@@ -165,7 +163,7 @@ class PresenceFeed:
     async def _publish(self, *, force: bool = False) -> None:
         co = self.coalescer
         now = self.clock()
-        if co.next_wakeup() is None or (not force and not co.flush_due(now)):
+        if not force and not co.flush_due(now):
             return
         arrivals = co.online_since()
         if arrivals:
@@ -179,7 +177,6 @@ class PresenceFeed:
             return
         data = change.data(self.max_users())
         await self.node.publish("activity", "activity.presence", data)
-        self.published += 1
 
 
 def _ms(seconds: float) -> str:

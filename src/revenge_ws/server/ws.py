@@ -94,6 +94,10 @@ def close_reply(received: int) -> int:
     return received
 
 
+def _gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     """The upgrade and the connection's whole life, in ONE coroutine frame.
 
@@ -107,16 +111,15 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         return busy.response()
     opening = True
     try:
-        if request.transport is None or request.transport.is_closing():
-            # The client left while its request waited: no work for it.
+        if _gone(request):  # the client left while its request waited: no work for it
             return web.Response(status=400)
         admitted = await admit(Upgrade.of(request), node)
         if isinstance(admitted, Refusal):
             return admitted.response()
         claims, session_id, extra, room_id = admitted
         try:
-            if request.transport is None or request.transport.is_closing():
-                return web.Response(status=400)  # left during the checks
+            if _gone(request):  # left during the checks
+                return web.Response(status=400)
             ws = web.WebSocketResponse(
                 protocols=(SUBPROTOCOL,),
                 compress=False,
