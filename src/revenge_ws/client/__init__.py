@@ -28,7 +28,11 @@ What it does by itself (details and numbers in ``docs/client.md``):
   server clock NTP-style (:class:`ClockSync`: min-delay of the last 8 samples; every
   local timestamp comes from the ``clock`` given, the system clock by default) and
   reconnects when nothing arrives for ``heartbeat.timeout`` (watchdog);
-- refreshes the token (``auth.refresh``) before it expires when given a provider.
+- refreshes the token (``auth.refresh``) before it expires when given a provider;
+- as a device (``device=DeviceInfo(...)``, contract §13) says ``device.hello`` on every
+  connection, reports what it plays (:meth:`Client.report_playback`, repeated while
+  playing and after a reconnect) and answers remote commands (:meth:`Client.on_command`);
+  any client sends them (:meth:`Client.send_command`) and lists devices.
 
 Only the standard library, aiohttp, orjson and the contract's shared modules
 (:mod:`revenge_ws.protocol`, :mod:`revenge_ws.codes`, :mod:`revenge_ws.exceptions`)
@@ -36,8 +40,9 @@ are used here: no server code (import-linter contract ``clients``).
 
 This module is the public face: it re-exports the public names (``__all__``). The
 application API is in ``_client.py``, the connection loop in ``_connection.py``, the
-types in ``_types.py``, reading the hub's frames and headers in ``_wire.py``, reconnect
-timing in ``_backoff.py``, the server clock estimate in ``_clock.py``, positions and
+device's hello, reporter and command answers in ``_device.py``, the types in
+``_types.py``, reading the hub's frames and headers in ``_wire.py``, reconnect timing in
+``_backoff.py``, the server clock estimate in ``_clock.py``, positions and
 de-duplication in ``_tracker.py``, presence in ``_presence.py``.
 """
 
@@ -53,7 +58,7 @@ from ._backoff import (
 from ._client import Client
 from ._clock import ClockSample, ClockSync
 from ._presence import OnlineUsers, PresenceData, PresenceUser, parse_presence
-from ._types import ClientConfig, ClientStats, SubscribeError
+from ._types import ClientConfig, ClientStats, DeviceInfo, SubscribeError
 
 __all__ = [
     "Client",
@@ -61,6 +66,7 @@ __all__ = [
     "ClientStats",
     "ClockSample",
     "ClockSync",
+    "DeviceInfo",
     "OnlineUsers",
     "PresenceData",
     "PresenceUser",

@@ -1,4 +1,5 @@
-"""The client's application API: lifecycle, state, handlers, messages, requests."""
+"""The client's application API: lifecycle, state, handlers, messages, requests, and
+devices (hello, now playing, remote control)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,17 @@ from ..codes import CloseCode
 from ..exceptions import ClientError, ConnectionClosed, RequestTimeout
 from ..protocol import StreamPosition
 from ._clock import ClockSample
-from ._connection import ConnectionLoop
-from ._types import Handler, Message, SubscribeError
+from ._device import DeviceLoop
+from ._types import (
+    COMMAND_TIMEOUT_MS,
+    PLAYBACK_STATES,
+    CommandHandler,
+    DeviceInfo,
+    Handler,
+    Message,
+    Playback,
+    SubscribeError,
+)
 
 
 class _Messages:
@@ -45,7 +55,7 @@ class _Messages:
             await c._queue_event.wait()
 
 
-class Client(ConnectionLoop):
+class Client(DeviceLoop):
     """A self-healing connection to the hub. Use it as an async context manager.
 
     ``token`` is sent as ``Authorization: Bearer`` (or ``?token=`` with
@@ -58,8 +68,9 @@ class Client(ConnectionLoop):
     system clock); every local timestamp the client takes — ping ``t0``/``t3``, hence
     :attr:`clock_offset`, :attr:`rtt` and :meth:`server_time` — comes from it, so tests
     and simulations can give each client a clock of its own. (:attr:`clock` is the
-    :class:`ClockSync` estimator it feeds.) The other keyword options are the fields of
-    :class:`ClientConfig`.
+    :class:`ClockSync` estimator it feeds.) ``device`` makes the client a device
+    (:class:`DeviceInfo`, see :meth:`set_device`). The other keyword options are the
+    fields of :class:`ClientConfig`.
     """
 
     # -- lifecycle -----------------------------------------------------------------
@@ -293,3 +304,168 @@ class Client(ConnectionLoop):
         deadline = loop.time() + timeout
         await self._ready(deadline, RequestTimeout)
         return await self._ping(max(0.0, deadline - loop.time()))
+
+    # -- devices (contract §13) ----------------------------------------------------
+    @property
+    def device(self) -> DeviceInfo | None:
+        """The device this client is (``device.hello`` on every connection), or None."""
+        return self._dev.info
+
+    @property
+    def device_active(self) -> bool:
+        """The hub accepted the device on the current connection and no other connection
+        took it over since (``device.ended``)."""
+        return self._dev.gen >= 0 and self._dev.gen == self._gen and self._ws is not None
+
+    async def set_device(
+        self, device: DeviceInfo, timeout: float | None = None
+    ) -> dict[str, Any] | None:
+        """Be ``device`` from now on: ``device.hello`` now when connected (returns the
+        hub's device object) and after every reconnect (None: not connected, it is said
+        with the next connection).
+
+        The client never says hello again by itself on the same connection: when another
+        connection takes the device over, the hub sends ``device.ended`` (delivered to
+        handlers and :meth:`messages`) and :attr:`device_active` turns False until the
+        next reconnect. Calling ``set_device`` then takes it back (a user's choice, e.g.
+        "play here"). Another ``device_id`` forgets the reported playback. Raises
+        :class:`RequestError` when the hub refuses the hello.
+        """
+        if not isinstance(device, DeviceInfo):
+            raise TypeError("set_device needs a DeviceInfo")
+        previous = self._dev.info
+        self._dev.info = device
+        if previous is None or previous.device_id != device.device_id:
+            self._dev.playback = None
+        ws = self._ws
+        if self._main is None or ws is None or ws.closed:
+            return None
+        try:
+            return await self._hello(
+                device, self._gen, self.config.request_timeout if timeout is None else timeout
+            )
+        except ConnectionClosed:
+            if self._error is not None or self._closing:
+                raise
+            return None  # reconnecting: the new connection says hello
+
+    async def report_playback(
+        self,
+        item_id: str,
+        state: str,
+        position: float,
+        *,
+        duration: float | None = None,
+        rate: float = 1.0,
+        item_type: str | None = None,
+        title: str | None = None,
+        volume: int | None = None,
+        muted: bool | None = None,
+        play_method: str | None = None,
+        transcode_job_id: str | None = None,
+        room_id: str | None = None,
+        timeout: float | None = None,
+    ) -> bool:
+        """Report what the device plays (``playback.update``): ``state`` is ``playing``,
+        ``paused``, ``buffering`` or ``stopped``; ``position`` and ``duration`` in seconds.
+
+        Call it on every change (play, pause, seek, another item, stop). While ``playing``
+        the client sends the update again every ``playback_interval`` (10 s) with the
+        position moved on by the time elapsed times ``rate``, until the next report; after
+        a reconnect it sends the current state again right after the hello. Returns True
+        when the hub acked it now, False when the device is not live on a connection (not
+        connected, hello refused, or taken over): the state is kept and sent with the next
+        hello. Raises :class:`RequestError` when the hub refuses the update (e.g.
+        ``INVALID_MESSAGE``) and :class:`RequestTimeout` without a reply in time.
+        """
+        if self._dev.info is None:
+            raise ClientError("report_playback needs a device: Client(device=...) or set_device()")
+        if state not in PLAYBACK_STATES:
+            raise ValueError(f"state must be one of {sorted(PLAYBACK_STATES)}, not {state!r}")
+        if position < 0 or rate <= 0:
+            raise ValueError("position must be >= 0 and rate > 0")
+        fields: dict[str, Any] = {"item_id": item_id, "state": state, "rate": rate}
+        for key, value in (
+            ("duration", duration),
+            ("item_type", item_type),
+            ("title", title),
+            ("volume", volume),
+            ("muted", muted),
+            ("play_method", play_method),
+            ("transcode_job_id", transcode_job_id),
+            ("room_id", room_id),
+        ):
+            if value is not None:
+                fields[key] = value
+        self._dev.playback = Playback(fields, float(position), self._local_ms())
+        return await self._send_playback(
+            self.config.request_timeout if timeout is None else timeout
+        )
+
+    def on_command(self, handler: CommandHandler | None) -> Callable[[], None]:
+        """Answer ``remote.command`` with ``handler(command, args, sender)`` (``sender``:
+        ``{"user_id", "device_id"}`` of the caller); it may be a coroutine function.
+
+        Its return value, when a mapping, becomes the result's ``state``; an exception
+        answers ``ok: false`` with ``str(exc)`` as the error, and so does a handler still
+        running after ``command_timeout`` (60 s). Without a handler every command is
+        answered ``ok: false``, ``"no handler"``. One handler at a time (a new one replaces
+        the previous); returns a function that removes it. A sync handler runs on the event
+        loop: keep it short. List the commands in :attr:`DeviceInfo.commands` too, or the
+        hub refuses them (``REJECTED``) without asking the device.
+        """
+        self._dev.handler = handler
+
+        def remove() -> None:
+            if self._dev.handler is handler:
+                self._dev.handler = None
+
+        return remove
+
+    async def send_command(
+        self,
+        device_id: str,
+        command: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        user_id: str | None = None,
+        timeout_ms: int | None = None,
+    ) -> dict[str, Any]:
+        """Send a remote command to a device (``remote.command``); returns the device's
+        result ``{"ok": True, "state"?: {...}}``.
+
+        ``user_id`` names another user's device (admins only); ``timeout_ms`` is how long
+        the hub waits for the device (10,000 by default, at most 60,000). Raises
+        :class:`RequestError` whose ``.code`` says why: ``REJECTED`` (the device said no,
+        ``.message`` is its error, or it does not list the command), ``TIMEOUT`` (no result
+        in time), ``NOT_FOUND`` (no such device online), ``FORBIDDEN``, ``UNAVAILABLE`` (the
+        device went away before answering), ``RATE_LIMITED`` (10 commands in flight to it),
+        ``INVALID_MESSAGE`` (bad args). The local wait is bounded by ``timeout_ms`` plus
+        ``request_timeout``: without a reply by then, :class:`RequestTimeout`.
+        """
+        data: dict[str, Any] = {"device_id": device_id, "command": command}
+        if args is not None:
+            data["args"] = dict(args)
+        if user_id is not None:
+            data["user_id"] = user_id
+        if timeout_ms is not None:
+            data["timeout_ms"] = timeout_ms
+        wait = (COMMAND_TIMEOUT_MS if timeout_ms is None else timeout_ms) / 1000.0
+        ack = await self.request("remote.command", data, timeout=wait + self.config.request_timeout)
+        result = ack.get("result")
+        return dict(result) if isinstance(result, dict) else {"ok": True}
+
+    async def list_devices(
+        self, user_id: str | None = None, all: bool = False, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
+        """``devices.list``: the caller's devices (with their ``now_playing``); an admin
+        may name a ``user_id`` or ask for ``all`` users' devices (others get
+        ``FORBIDDEN``)."""
+        data: dict[str, Any] = {}
+        if user_id is not None:
+            data["user_id"] = user_id
+        if all:
+            data["all"] = True
+        ack = await self.request("devices.list", data, timeout=timeout)
+        devices = ack.get("devices")
+        return [d for d in devices if isinstance(d, dict)] if isinstance(devices, list) else []

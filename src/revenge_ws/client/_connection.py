@@ -41,6 +41,8 @@ from ._types import (
     SUBSCRIBE_CHUNK,
     ClientConfig,
     ClientStats,
+    DeviceInfo,
+    DeviceState,
     Disconnect,
     Handler,
     Message,
@@ -87,6 +89,9 @@ class ConnectionLoop:
         reconnect: bool = True,
         notification_ids: int = 10_000,
         max_msg_size: int = 4 * 1024 * 1024,
+        device: DeviceInfo | None = None,
+        playback_interval: float = 10.0,
+        command_timeout: float = 60.0,
     ) -> None:
         self.url = url
         self.config = ClientConfig(
@@ -113,6 +118,8 @@ class ConnectionLoop:
             reconnect=reconnect,
             notification_ids=notification_ids,
             max_msg_size=max_msg_size,
+            playback_interval=playback_interval,
+            command_timeout=command_timeout,
         )
         self._token = token
         self._provider = token_provider
@@ -153,6 +160,7 @@ class ConnectionLoop:
         self._abort_reason: str | None = None
         self._unauthorized = 0
         self._state = "idle"
+        self._dev = DeviceState(device)
 
     @property
     def clock_offset(self) -> float | None:
@@ -301,6 +309,16 @@ class ConnectionLoop:
                 self._emit("client.subscription_error", dict(e))
 
         return apply
+
+    # -- hooks (the device layer, ``_device.py``, fills them in) ---------------------
+    async def _before_resubscribe(self, gen: int) -> bool:
+        """Requests of a new connection before its re-subscription; False: the
+        connection was given up (the reconnect follows)."""
+        return True
+
+    def _on_direct(self, msg: Message) -> bool:
+        """A direct message (no channel) on the reader; True: consumed, not delivered."""
+        return False
 
     # -- internals: the connection loop --------------------------------------------
     async def _run(self) -> None:
@@ -585,8 +603,11 @@ class ConnectionLoop:
         return self._tracker.on_welcome(entries, gen)
 
     async def _resync(self, items: list[str | dict[str, Any]], gen: int) -> None:
-        """Re-subscribe what the connection does not have yet, then report connected."""
+        """Say hello as the device (if one is set), re-subscribe what the connection does
+        not have yet, then report connected."""
         try:
+            if not await self._before_resubscribe(gen):
+                return
             for i in range(0, len(items), SUBSCRIBE_CHUNK):
                 chunk = items[i : i + SUBSCRIBE_CHUNK]
                 names = [x if isinstance(x, str) else str(x["name"]) for x in chunk]
@@ -715,6 +736,8 @@ class ConnectionLoop:
             return
         if not isinstance(mtype, str):
             self.stats.invalid_frames += 1
+            return
+        if "channel" not in msg and self._on_direct(msg):
             return
         if mtype == "subscription.reset":
             self._on_reset(msg)
