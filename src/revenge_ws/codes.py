@@ -22,6 +22,10 @@ class ErrorCode(StrEnum):
     TOKEN_EXPIRED = "TOKEN_EXPIRED"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
+    #: A device refused a remote command, or does not support it (contract v1.1 §13).
+    REJECTED = "REJECTED"
+    #: A remote command got no result in time (contract v1.1 §13).
+    TIMEOUT = "TIMEOUT"
 
 
 class CloseCode(IntEnum):

@@ -127,11 +127,57 @@ class BrokerSettings(_Section):
     #: Redis: a publication is acked only once this many replicas have it (``WAIT``);
     #: 0 acks as soon as the master has it.
     min_replicas: int = Field(0, ge=0, le=16)
+    #: Redis: a node's presence entries and devices outlive its last refresh this long,
+    #: so a node that died (SIGKILL) drops out of presence and device lists after it (s).
+    presence_ttl: float = Field(30.0, gt=0, le=3600)
+    #: Redis: how often a live node re-writes its entries (s, less than presence_ttl).
+    presence_refresh: float = Field(10.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _refresh_within_ttl(self) -> BrokerSettings:
+        if self.presence_refresh >= self.presence_ttl:
+            raise ValueError("broker.presence_refresh must be less than broker.presence_ttl")
+        return self
 
 
 class StoreSettings(_Section):
     #: ``sqlite:///path`` (embedded) or ``postgresql://user@host/db``.
     url: str = "sqlite:///revenge-ws.sqlite3"
+
+
+class BackendSettings(_Section):
+    #: Where playback events go: the hub POSTs batches of them to this URL (contract §13);
+    #: unset, none are kept or sent. ``stopped`` and item changes wait in the store's outbox
+    #: until the backend answers 2xx; progress may be conflated to the newest per device.
+    playback_url: str | None = None
+    #: Events per POST at most.
+    batch_size: int = Field(500, ge=1, le=10_000)
+    #: Seconds the first event of a batch may wait for others before the batch is sent
+    #: (sooner when ``batch_size`` events are waiting): about one POST per interval at most.
+    batch_interval: float = Field(1.0, gt=0, le=60)
+    #: Seconds one POST may take, connecting included; slower counts as a failure.
+    request_timeout: float = Field(10.0, gt=0, le=300)
+    #: Longest wait between retries (s); retries back off exponentially from
+    #: ``batch_interval``, with jitter.
+    max_backoff: float = Field(60.0, gt=0, le=3600)
+    #: Devices whose newest progress is kept in memory while undelivered; past it the
+    #: oldest is dropped (and counted). ``stopped`` and item changes are never dropped.
+    max_progress: int = Field(10_000, ge=1, le=10_000_000)
+    #: Seconds a graceful shutdown spends delivering what is left; durable events that
+    #: miss it stay in the outbox for the next start.
+    flush_timeout: float = Field(3.0, ge=0, le=60)
+
+    @model_validator(mode="after")
+    def _check(self) -> BackendSettings:
+        url = self.playback_url
+        if url is not None and url.strip() == "":
+            object.__setattr__(self, "playback_url", None)  # an empty variable means unset
+        elif url is not None and not url.lower().startswith(("http://", "https://")):
+            raise ValueError(
+                "backend.playback_url (REVENGE_BACKEND_PLAYBACK_URL) must be an http:// or "
+                "https:// URL"
+            )
+        return self
 
 
 class LimitSettings(_Section):
@@ -174,6 +220,7 @@ def _default_families() -> dict[str, HistoryFamily]:
         "transcode": HistoryFamily(size=20, ttl=3600),
         "playback": HistoryFamily(size=200, ttl=600),
         "activity": HistoryFamily(size=100, ttl=300),
+        "sessions": HistoryFamily(size=20, ttl=60),
     }
 
 
@@ -227,6 +274,16 @@ class ActivitySettings(_Section):
     presence_max_users: int = Field(100, ge=1, le=100_000)
 
 
+class DevicesSettings(_Section):
+    #: ``device.updated`` of one device, and ``sessions.updated`` of one node, at most once
+    #: per this many seconds; the newest state wins (s).
+    update_interval: float = Field(1.0, gt=0, le=60)
+    #: Remote commands in flight to one device; more are refused ``RATE_LIMITED``.
+    max_inflight_commands: int = Field(10, ge=1, le=1000)
+    #: Devices one ``devices.list`` / ``GET /api/v1/realtime/devices`` answers at most.
+    max_listed: int = Field(10_000, ge=1, le=1_000_000)
+
+
 class SyncplaySettings(_Section):
     sync_threshold: float = Field(2.0, gt=0)
     min_lead_ms: float = Field(500.0, gt=0, le=5000)
@@ -245,6 +302,7 @@ class Settings(_Section):
     api: ApiSettings = Field(default_factory=ApiSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    backend: BackendSettings = Field(default_factory=BackendSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     heartbeat: HeartbeatSettings = Field(default_factory=HeartbeatSettings)
     history: HistorySettings = Field(default_factory=HistorySettings)
@@ -254,6 +312,7 @@ class Settings(_Section):
     channels: ChannelSettings = Field(default_factory=ChannelSettings)
     activity: ActivitySettings = Field(default_factory=ActivitySettings)
     syncplay: SyncplaySettings = Field(default_factory=SyncplaySettings)
+    devices: DevicesSettings = Field(default_factory=DevicesSettings)
 
     @property
     def node_id(self) -> str:

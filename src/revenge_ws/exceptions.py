@@ -41,7 +41,9 @@ __all__ = [
 ]
 
 # Codes a client may retry as they are: the condition is expected to pass.
-_RETRYABLE = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL})
+_RETRYABLE = frozenset(
+    {ErrorCode.RATE_LIMITED, ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL, ErrorCode.TIMEOUT}
+)
 
 
 class RevengeError(Exception):

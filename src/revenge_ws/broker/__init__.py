@@ -47,6 +47,8 @@ def open_broker(settings: Settings) -> Broker:
             node_id=settings.node_id,
             timeout=settings.broker.timeout,
             min_replicas=settings.broker.min_replicas,
+            presence_ttl=settings.broker.presence_ttl,
+            presence_refresh=settings.broker.presence_refresh,
         )
         return broker
     raise ConfigError(

@@ -33,6 +33,8 @@ class Family(StrEnum):
     TRANSCODE = "transcode"
     PLAYBACK = "playback"
     ACTIVITY = "activity"
+    #: Every device's "now playing", for admins (contract v1.1 §13).
+    SESSIONS = "sessions"
 
 
 _KEYED = frozenset(
@@ -122,7 +124,7 @@ class ChannelPolicy:
         allowed: bool
         if fam in (Family.NOTIFICATIONS, Family.USER):
             allowed = channel.key == claims.sub
-        elif fam is Family.SERVER:
+        elif fam in (Family.SERVER, Family.SESSIONS):
             allowed = claims.is_admin
         elif fam is Family.LIBRARY:
             allowed = claims.may_see_library(channel.key or "")

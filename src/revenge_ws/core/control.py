@@ -17,8 +17,11 @@ from ..codes import CloseCode
 __all__ = [
     "Broadcast",
     "ControlMessage",
+    "DeviceTakeover",
     "Disconnect",
     "EndChannel",
+    "RemoteCommand",
+    "RemoteReply",
     "Revoke",
     "SessionAction",
     "SubscribeUser",
@@ -81,7 +84,55 @@ class Broadcast:
     payload: str
 
 
-ControlMessage = Disconnect | Revoke | SubscribeUser | SessionAction | EndChannel | Broadcast
+@dataclass(frozen=True, slots=True)
+class DeviceTakeover:
+    """Another connection said ``device.hello`` with the device ``session_id`` was."""
+
+    session_id: str
+    device_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteCommand:
+    """Deliver a remote command to the device held by ``session_id`` on ``node_id``;
+    the result goes back to ``origin`` (a node id) as a :class:`RemoteReply`."""
+
+    node_id: str
+    session_id: str
+    device_id: str
+    command_id: str
+    origin: str
+    command: str
+    args: dict[str, Any]
+    #: Who asked: a user id (None: the backend), and their device if they are one.
+    from_user: str | None
+    from_device: str | None
+    timeout_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteReply:
+    """The one answer to a :class:`RemoteCommand`, for the node ``node_id`` that waits.
+    ``code`` is empty when the device said ok."""
+
+    node_id: str
+    command_id: str
+    code: str = ""
+    message: str = ""
+    state: dict[str, Any] | None = None
+
+
+ControlMessage = (
+    Disconnect
+    | Revoke
+    | SubscribeUser
+    | SessionAction
+    | EndChannel
+    | Broadcast
+    | DeviceTakeover
+    | RemoteCommand
+    | RemoteReply
+)
 
 _OPS: dict[type[ControlMessage], str] = {
     Disconnect: "disconnect",
@@ -90,6 +141,9 @@ _OPS: dict[type[ControlMessage], str] = {
     SessionAction: "session",
     EndChannel: "end_channel",
     Broadcast: "broadcast",
+    DeviceTakeover: "device_takeover",
+    RemoteCommand: "remote_command",
+    RemoteReply: "remote_reply",
 }
 _ACTIONS = ("send", "subscribe", "unsubscribe")
 
@@ -131,4 +185,44 @@ def decode(raw: dict[str, Any]) -> ControlMessage | None:
         return EndChannel(ch)
     if op == "broadcast" and user is not None and (payload := _str(raw, "payload")) is not None:
         return Broadcast(user, payload)
+    if (
+        op == "device_takeover"
+        and (sid := _str(raw, "session_id"))
+        and (dev := _str(raw, "device_id"))
+    ):
+        return DeviceTakeover(sid, dev)
+    if op == "remote_command":
+        return _remote_command(raw)
+    if op == "remote_reply" and (node := _str(raw, "node_id")) and (cid := _str(raw, "command_id")):
+        state = raw.get("state")
+        return RemoteReply(
+            node,
+            cid,
+            _str(raw, "code") or "",
+            _str(raw, "message") or "",
+            state if isinstance(state, dict) else None,
+        )
     return None
+
+
+def _remote_command(raw: dict[str, Any]) -> RemoteCommand | None:
+    strings = [
+        _str(raw, k)
+        for k in ("node_id", "session_id", "device_id", "command_id", "origin", "command")
+    ]
+    args, timeout = raw.get("args"), _int(raw, "timeout_ms")
+    if any(s is None for s in strings) or not isinstance(args, dict) or timeout is None:
+        return None
+    node, sid, dev, cid, origin, command = (s or "" for s in strings)
+    return RemoteCommand(
+        node,
+        sid,
+        dev,
+        cid,
+        origin,
+        command,
+        args,
+        _str(raw, "from_user"),
+        _str(raw, "from_device"),
+        timeout,
+    )

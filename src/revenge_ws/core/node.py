@@ -84,6 +84,14 @@ class Request:
     t_recv_ms: float
     #: Run after the reply is queued (e.g. missed publications follow the subscribe ack).
     after_reply: list[Callable[[], None]] = field(default_factory=list)
+    #: Set by :meth:`defer`: the work whose result is the reply.
+    deferred: Coroutine[Any, Any, dict[str, Any]] | None = None
+
+    def defer(self, work: Coroutine[Any, Any, dict[str, Any]]) -> None:
+        """Reply with ``work``'s result (or error) once it is done, without holding up
+        the connection's next frames; ``work`` bounds its own wait. Call it last: the
+        handler's own return value is then ignored."""
+        self.deferred = work
 
     @property
     def data(self) -> dict[str, Any]:
@@ -142,6 +150,8 @@ class Node:
         #: Told when a connection is subscribed or unsubscribed on the server's initiative
         #: by a session action (a SyncPlay room joined or left).
         self.on_server_subscription: list[SubscriptionHook] = []
+        #: Features' handlers of the control messages the node itself does not act on.
+        self.control_hooks: list[Callable[[control.ControlMessage], None]] = []
         self.clock: Callable[[], float] = time.monotonic
         self.closing = False
         #: The spread window the closing node advised to its clients (s).
@@ -441,21 +451,50 @@ class Node:
     async def _dispatch(self, conn: Connection, env: Envelope, t_recv_ms: float) -> None:
         handler = self.handlers.get(env.type)
         req = Request(self, conn, env, t_recv_ms)
-        payload: bytes | None
-        try:
+
+        async def run() -> dict[str, Any]:
             if handler is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {env.type!r}")
             async with asyncio.timeout(self.settings.broker.timeout * 2):
-                result = await handler(req)
-            payload = encode_ack(env.id, result) if env.id is not None else None
+                return await handler(req)
+
+        payload, failed = await self._outcome(env, run())
+        if req.deferred is not None:
+            if failed:
+                req.deferred.close()  # the handler failed after deferring: its reply stands
+            else:
+                # The reply comes later (a remote command waits for a device): the
+                # connection goes on reading meanwhile; its slot stays in flight.
+                self.spawn(self._finish_later(conn, req, req.deferred), f"deferred-{env.type}")
+                return
+        self._complete(conn, req, payload)
+
+    async def _finish_later(
+        self, conn: Connection, req: Request, deferred: Coroutine[Any, Any, dict[str, Any]]
+    ) -> None:
+        payload, _ = await self._outcome(req.envelope, deferred)
+        self._complete(conn, req, payload)
+
+    async def _outcome(
+        self, env: Envelope, work: Coroutine[Any, Any, dict[str, Any]]
+    ) -> tuple[bytes | None, bool]:
+        """The reply to ``env`` once ``work`` is done (an ack, or the error it raised;
+        None: no reply, the request had no id), and whether it failed."""
+        try:
+            result = await work
+            return (encode_ack(env.id, result) if env.id is not None else None), False
         except ProtocolError as exc:
-            payload = encode_error(env.id, exc.code, exc.message, exc.retryable)
+            return encode_error(env.id, exc.code, exc.message, exc.retryable), True
         except (BrokerUnavailable, StoreUnavailable, TimeoutError) as exc:
-            log.warning("%s failed for %s: %s", env.type, conn.session_id, exc or "timeout")
+            log.warning("%s failed: %s", env.type, exc or "timeout")
             payload = encode_error(env.id, ErrorCode.UNAVAILABLE, "temporarily unavailable", True)
+            return payload, True
         except Exception:
             log.exception("handler %s failed", env.type)
-            payload = encode_error(env.id, ErrorCode.INTERNAL, "internal error", True)
+            return encode_error(env.id, ErrorCode.INTERNAL, "internal error", True), True
+
+    def _complete(self, conn: Connection, req: Request, payload: bytes | None) -> None:
+        env = req.envelope
         if payload is None:
             conn.session.complete(env, b"", time.monotonic())
         else:
@@ -518,6 +557,10 @@ class Node:
                 frame = payload.encode()
                 for conn in list(self.hub.user_connections(user)):
                     conn.send(frame)
+            case _:
+                # A feature's own message (devices: takeovers, remote commands).
+                for hook in self.control_hooks:
+                    hook(msg)
 
     def on_reconnect(self) -> None:
         self.spawn(self.subscriptions.recover_all(), name="recover-all")
