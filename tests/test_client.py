@@ -872,7 +872,7 @@ async def test_docs_examples_run(hub: Hub) -> None:
     """Every complete example of docs/client.md runs against a real hub."""
     blocks = re.findall(r"```python\n(.*?)```", CLIENT_DOC.read_text(encoding="utf-8"), re.S)
     examples = [b for b in blocks if "async def main(url: str, token: str" in b]
-    assert len(examples) == 5
+    assert len(examples) == 6
 
     async def publish() -> None:
         for i in range(400):

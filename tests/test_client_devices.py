@@ -14,6 +14,7 @@ from revenge_ws.client import Client, DeviceInfo
 from revenge_ws.codes import ErrorCode
 from revenge_ws.exceptions import ClientError, RequestError, RequestTimeout
 
+from .helpers import Hub, until
 from .test_client import FakeConn, FakeHub, events, welcome
 from .test_client import fake as fake  # the scripted server fixture
 
@@ -369,3 +370,143 @@ async def test_send_command_and_list_devices_scripted(fake: FakeHub) -> None:
         assert req["data"] == {"user_id": "v"}
         await conn.send(ack(req, devices=[]))
         assert await listing == []
+
+
+# -- against a real hub ---------------------------------------------------------------------
+def close_session(hub: Hub, user: str, session_id: str | None, code: int = 4400) -> None:
+    """Close one connection of ``user`` from the server side (the client reconnects)."""
+    conns = [c for c in hub.node.hub.user_connections(user) if c.session_id == session_id]
+    assert len(conns) == 1
+    conns[0].close(code, "test: closed by the server")
+
+
+def now_playing(msgs: list[dict[str, Any]], device_id: str) -> list[Any]:
+    """The ``now_playing`` of each ``device.updated`` of ``device_id``."""
+    return [
+        m["data"]["device"]["now_playing"]
+        for m in msgs
+        if m["type"] == "device.updated" and m["data"]["device"]["device_id"] == device_id
+    ]
+
+
+async def test_hub_hello_after_reconnect_and_playback_reaches_the_user(hub: Hub) -> None:
+    token = hub.token("alice")
+    async with (
+        Client(hub.ws_url, token=token) as phone,
+        Client(hub.ws_url, token=token, device=TV, backoff_min=0.05, backoff_max=0.2) as tv,
+    ):
+        seen = events(phone, "device.updated", "device.removed")
+        await phone.wait_connected(5)
+        await tv.wait_connected(5)
+        assert tv.device_active and tv.stats.device_hellos == 1
+        assert await tv.report_playback("m1", "playing", 42.0, duration=5400, title="Film")
+        await until(lambda: any(now_playing(seen, "tv-1")), what="device.updated with m1")
+        np = [n for n in now_playing(seen, "tv-1") if n][-1]
+        assert np["item_id"] == "m1" and np["state"] == "playing" and np["position"] >= 42.0
+        (listed,) = await phone.list_devices()
+        assert listed["device_id"] == "tv-1" and listed["user_id"] == "alice"
+        assert listed["name"] == TV.name and listed["now_playing"]["item_id"] == "m1"
+
+        # The hub closes the TV's connection: the device ends, the TV reconnects, says
+        # hello again and re-sends what it plays.
+        close_session(hub, "alice", tv.session_id)
+        await until(lambda: tv.stats.connects == 2, what="the TV's reconnect")
+        await until(lambda: tv.stats.device_hellos == 2 and tv.device_active, what="hello")
+        removed = [m for m in seen if m["type"] == "device.removed"]
+        assert removed[0]["data"] == {"device_id": "tv-1"}
+        after = seen.index(removed[0])
+        await until(
+            lambda: any(now_playing(seen[after:], "tv-1")), what="device.updated after hello"
+        )
+        assert [n for n in now_playing(seen[after:], "tv-1") if n][-1]["item_id"] == "m1"
+        (listed,) = await phone.list_devices()
+        assert listed["now_playing"]["item_id"] == "m1"
+        # Stopped clears now_playing.
+        assert await tv.report_playback("m1", "stopped", 50.0)
+        await until(lambda: now_playing(seen, "tv-1")[-1] is None, what="stopped")
+        assert (await phone.list_devices())[0]["now_playing"] is None
+
+
+async def test_hub_remote_control(hub: Hub) -> None:
+    token = hub.token("alice")
+    tv_info = DeviceInfo("tv-1", "TV", commands=("pause", "seek", "x-slow", "x-fail"))
+    paused: list[dict[str, Any]] = []
+
+    async def obey(command: str, args: dict[str, Any], sender: dict[str, Any]) -> Any:
+        if command == "pause":
+            paused.append(sender)
+            return {"state": "paused"}
+        if command == "x-slow":
+            await asyncio.sleep(10)
+        if command == "x-fail":
+            raise RuntimeError("the player is busy")
+        return None
+
+    async with (
+        Client(hub.ws_url, token=token, device=tv_info, command_timeout=5) as tv,
+        Client(hub.ws_url, token=token, device=DeviceInfo("phone-1", "Phone")) as phone,
+        Client(hub.ws_url, token=hub.token("bob")) as bob,
+    ):
+        tv.on_command(obey)
+        await tv.wait_connected(5)
+        await phone.wait_connected(5)
+        await bob.wait_connected(5)
+        assert await phone.send_command("tv-1", "pause") == {
+            "ok": True,
+            "state": {"state": "paused"},
+        }
+        assert paused == [{"user_id": "alice", "device_id": "phone-1"}]
+        assert await phone.send_command("tv-1", "seek", {"position": 10}) == {"ok": True}
+
+        async def refused(coro: Any) -> RequestError:
+            with pytest.raises(RequestError) as info:
+                await coro
+            return info.value
+
+        err = await refused(phone.send_command("tv-1", "x-fail"))
+        assert err.code is ErrorCode.REJECTED and err.message == "the player is busy"
+        err = await refused(phone.send_command("tv-1", "unmute"))  # not listed: not asked
+        assert err.code is ErrorCode.REJECTED
+        err = await refused(phone.send_command("tv-1", "x-slow", timeout_ms=300))
+        assert err.code is ErrorCode.TIMEOUT and err.retryable
+        err = await refused(phone.send_command("nothing-here", "pause"))
+        assert err.code is ErrorCode.NOT_FOUND
+        err = await refused(bob.send_command("tv-1", "pause", user_id="alice"))
+        assert err.code is ErrorCode.FORBIDDEN
+        err = await refused(bob.list_devices(all=True))
+        assert err.code is ErrorCode.FORBIDDEN
+        err = await refused(phone.send_command("tv-1", "seek", {"position": -1}))
+        assert err.code is ErrorCode.INVALID_MESSAGE
+        # The phone is a device without commands: the hub refuses for it.
+        err = await refused(tv.send_command("phone-1", "pause"))
+        assert err.code is ErrorCode.REJECTED
+        assert sorted(d["device_id"] for d in await bob.list_devices("bob")) == []
+        assert sorted(d["device_id"] for d in await tv.list_devices()) == ["phone-1", "tv-1"]
+
+
+async def test_hub_takeover_ends_the_old_connection_without_a_new_hello(hub: Hub) -> None:
+    token = hub.token("alice")
+    async with Client(hub.ws_url, token=token, device=TV) as first:
+        first.on_command(lambda cmd, args, frm: {"by": "first"})
+        ended = events(first, "device.ended")
+        await first.wait_connected(5)
+        assert first.device_active
+        async with Client(hub.ws_url, token=token, device=TV) as second:
+            second.on_command(lambda cmd, args, frm: {"by": "second"})
+            await second.wait_connected(5)
+            await until(lambda: bool(ended), what="device.ended on the first connection")
+            assert ended[0]["data"] == {"device_id": "tv-1", "reason": "replaced"}
+            assert not first.device_active and second.device_active
+            # The first does not take it back: commands reach the second.
+            for _ in range(3):
+                result = await first.send_command("tv-1", "pause")
+                assert result == {"ok": True, "state": {"by": "second"}}
+            assert first.stats.device_hellos == 1 and second.stats.device_hellos == 1
+            assert await first.report_playback("m1", "playing", 1.0) is False
+            # Taking it back is the application's choice.
+            assert (await first.set_device(TV) or {})["device_id"] == "tv-1"
+            await until(lambda: not second.device_active, what="device.ended on the second")
+            assert await second.send_command("tv-1", "pause") == {
+                "ok": True,
+                "state": {"by": "first"},
+            }
