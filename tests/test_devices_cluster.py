@@ -22,20 +22,24 @@ from .test_devices import MOVIE, PHONE, TV, ack, answer, err
 pytestmark = pytest.mark.redis
 
 
+def node_settings(redis: RedisProcess, i: int, **env: str) -> Any:
+    return make_settings(
+        {
+            "REVENGE_BROKER_URL": redis.url,
+            "REVENGE_NODE_ID": f"node{i}",
+            "REVENGE_BROKER_PRESENCE_TTL": "3",
+            "REVENGE_BROKER_PRESENCE_REFRESH": "1",
+            **env,
+        }
+    )
+
+
 @contextlib.asynccontextmanager
 async def two_nodes(redis: RedisProcess, **env: str) -> AsyncIterator[tuple[Hub, Hub]]:
-    def settings(i: int) -> Any:
-        return make_settings(
-            {
-                "REVENGE_BROKER_URL": redis.url,
-                "REVENGE_NODE_ID": f"node{i}",
-                "REVENGE_BROKER_PRESENCE_TTL": "3",
-                "REVENGE_BROKER_PRESENCE_REFRESH": "1",
-                **env,
-            }
-        )
-
-    async with running_hub(settings(0)) as a, running_hub(settings(1)) as b:
+    async with (
+        running_hub(node_settings(redis, 0, **env)) as a,
+        running_hub(node_settings(redis, 1, **env)) as b,
+    ):
         yield a, b
 
 
@@ -149,6 +153,28 @@ async def test_admin_sees_every_nodes_devices(redis_proc: RedisProcess) -> None:
         assert await err(
             alice_on_b, "remote.command", {"device_id": "tv-b", "command": "pause"}
         ) == ("FORBIDDEN")
+
+
+async def test_a_restart_is_not_a_departure(redis_proc: RedisProcess) -> None:
+    """A node that stops (SIGTERM) leaves its devices listed: they come back within the
+    advised window and claim them again; one that does not expires and is reported."""
+    async with running_hub(node_settings(redis_proc, 1)) as b:
+        watcher = await b.connect("alice")
+        async with running_hub(node_settings(redis_proc, 0)) as a:
+            tv = await a.connect("alice")
+            await ack(tv, "device.hello", TV)
+            stays = await a.connect("alice")
+            await ack(stays, "device.hello", PHONE)
+        listed = (await ack(watcher, "devices.list"))["devices"]
+        assert sorted(d["device_id"] for d in listed) == ["phone-1", "tv-1"]
+        # the phone comes back (on the other node) and claims its device again
+        back = await b.connect("alice")
+        await ack(back, "device.hello", PHONE)
+        # the TV does not: it expires after the presence TTL and is reported once
+        removed = await watcher.recv_type("device.removed", timeout=15)
+        assert removed["data"] == {"device_id": "tv-1"}
+        listed = (await ack(watcher, "devices.list"))["devices"]
+        assert [d["device_id"] for d in listed] == ["phone-1"]
 
 
 async def test_the_devices_of_a_killed_node_disappear(redis_proc: RedisProcess) -> None:
