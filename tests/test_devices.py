@@ -370,3 +370,21 @@ async def test_the_backend_commands_a_device_over_http(hub: Hub) -> None:
         "POST", path, json={"user_id": "alice", "command": "pause"}, headers={}
     )
     assert status == 401
+
+
+async def test_metrics_count_devices_updates_and_commands(hub: Hub) -> None:
+    tv, phone = await tv_and_phone(hub)
+    await ack(tv, "playback.update", MOVIE)
+    await phone.send("remote.command", {"device_id": "tv-1", "command": "pause"})
+    await answer(tv)
+    await phone.recv_type("ack")
+    assert await err(phone, "remote.command", {"device_id": "tv-1", "command": "stop"}) == (
+        "REJECTED"
+    )
+    status, text = await hub.request("GET", "/metrics", headers={})
+    assert status == 200
+    lines = set(str(text).splitlines())
+    assert "revenge_devices 2.0" in lines
+    assert "revenge_playback_updates_total 1.0" in lines
+    assert 'revenge_remote_commands_total{outcome="ok"} 1.0' in lines
+    assert 'revenge_remote_commands_total{outcome="REJECTED"} 1.0' in lines

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..codes import ErrorCode
@@ -109,6 +110,28 @@ class LocalDevice:
         return self.record["user_id"], self.record["device_id"]
 
 
+class _Metrics:
+    """The feature's metrics, exported at ``/metrics`` with the node's."""
+
+    def __init__(self, registry: CollectorRegistry, devices: Devices) -> None:
+        Gauge(
+            "revenge_devices",
+            "Devices held by connections of this node",
+            registry=registry,
+        ).set_function(lambda: len(devices.by_session))
+        self.updates = Counter(
+            "revenge_playback_updates",
+            "playback.update requests accepted",
+            registry=registry,
+        )
+        self.commands = Counter(
+            "revenge_remote_commands",
+            "Remote commands asked on this node, by outcome (ok or the error code)",
+            ["outcome"],
+            registry=registry,
+        )
+
+
 def open_registry(node: Node) -> DeviceRegistry:
     """Devices live in the broker: this process for ``memory://``, Redis otherwise."""
     if node.broker_in_process:
@@ -126,6 +149,7 @@ class Devices:
         sink: PlaybackSink | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        metrics: CollectorRegistry | None = None,
     ) -> None:
         self.node = node
         self.registry = registry
@@ -144,6 +168,7 @@ class Devices:
         self._sessions_at = -math.inf
         #: Commands asked on this node, by command id.
         self._waiting: dict[str, asyncio.Future[control.RemoteReply]] = {}
+        self.metrics = _Metrics(metrics or CollectorRegistry(), self)
 
     # -- device.hello ------------------------------------------------------------------
     async def hello(self, req: Request) -> dict[str, Any]:
@@ -223,6 +248,7 @@ class Devices:
             record["now_playing"] = update
         record["updated_at"] = at
         self._mark(local)
+        self.metrics.updates.inc()
         return {}
 
     def _mark(self, local: LocalDevice) -> None:
@@ -308,11 +334,41 @@ class Devices:
         from_device: str | None,
         guess_owner: bool = False,
     ) -> dict[str, Any]:
-        """Send a command to a device and wait for its result (``timeout_ms``).
+        """Send a command to a device and wait for its result (``timeout_ms``); counted
+        by outcome.
 
         ``guess_owner``: a user named no ``user_id``; a device of that name held by
         another user is ``FORBIDDEN`` rather than ``NOT_FOUND``.
         """
+        try:
+            result = await self._command(
+                user_id,
+                device_id,
+                command,
+                args,
+                timeout_ms,
+                from_user=from_user,
+                from_device=from_device,
+                guess_owner=guess_owner,
+            )
+        except RequestError as exc:
+            self.metrics.commands.labels(exc.code.value).inc()
+            raise
+        self.metrics.commands.labels("ok").inc()
+        return result
+
+    async def _command(
+        self,
+        user_id: str,
+        device_id: str,
+        command: str,
+        args: dict[str, Any],
+        timeout_ms: int,
+        *,
+        from_user: str | None,
+        from_device: str | None,
+        guess_owner: bool,
+    ) -> dict[str, Any]:
         node = self.node
         args = validate_command(command, args)
         local = self.by_key.get((user_id, device_id))
@@ -587,8 +643,15 @@ class Devices:
                 break
 
 
-def install(node: Node, app: web.Application, sink: PlaybackSink | None = None) -> Devices:
-    feature = Devices(node, open_registry(node), sink)
+def install(
+    node: Node,
+    app: web.Application,
+    sink: PlaybackSink | None = None,
+    *,
+    registry: CollectorRegistry | None = None,
+) -> Devices:
+    """Register the feature; its metrics go to ``registry`` (the application's)."""
+    feature = Devices(node, open_registry(node), sink, metrics=registry)
     node.register("device.hello", feature.hello)
     node.register("playback.update", feature.playback_update)
     node.register("devices.list", feature.list_request)
