@@ -490,3 +490,79 @@ async def test_dashboard_shows_a_new_connection(browser: Any) -> None:
         )
         assert errors == []
         await context.close()
+
+
+async def test_remote_control_between_two_pages_of_one_user(browser: Any, media_dir: Path) -> None:
+    """Contract §13 in the browser: two demo pages of one user are two devices. Page A
+    pauses page B's video from "My devices" (B's video is paused within 1 s), plays it
+    again, then continues it on A ("Play here"); the dashboard's "Now playing" table (admin)
+    lists both devices."""
+    async with pages_hub(media=media_dir) as hub:
+        ctx_a, a = await open_demo(browser, hub, "erin", "?device=Laptop")
+        ctx_b, b = await open_demo(browser, hub, "erin", "?device=TV&media=/media/test.webm")
+        active = "() => window.revengeDemo.client.deviceActive"
+        await asyncio.gather(a.wait_for_function(active), b.wait_for_function(active))
+        device_id = "() => window.revengeDemo.client.deviceConfig.device_id"
+        a_id, b_id = await asyncio.gather(a.evaluate(device_id), b.evaluate(device_id))
+        assert a_id != b_id
+
+        # B plays a video on its own; A sees it in "My devices" (device.updated).
+        await b.click("#local-play")
+        await b.wait_for_function(
+            "() => !window.revengeDemo.video.paused && window.revengeDemo.video.currentTime > 0.5",
+            timeout=10_000,
+        )
+        row = f'#devices li[data-device="{b_id}"]'
+        await a.wait_for_selector(f'{row}[data-state="playing"]', timeout=10_000)
+        assert "test.webm" in (await a.locator(f"{row} .what").text_content() or "")
+        assert await a.locator(f'#devices li[data-device="{a_id}"].self').count() == 1
+
+        # Pause by remote command: B's video stops within the contract's second.
+        await a.click(f'{row} button[data-cmd="pause"]')
+        await b.wait_for_function(
+            "() => window.revengeDemo.video.paused", timeout=1_000, polling=20
+        )
+        await a.wait_for_function(
+            "() => window.revengeDemo.lastCommand?.result?.ok === true", timeout=5_000
+        )
+        assert await a.evaluate("() => window.revengeDemo.lastCommand.result.state.state") == (
+            "paused"
+        )
+        log = await b.evaluate("() => window.revengeDemo.remoteLog")
+        assert [e["command"] for e in log] == ["pause"]
+        assert log[0]["from"] == {"user_id": "erin", "device_id": a_id}
+        await a.wait_for_selector(f'{row}[data-state="paused"]', timeout=5_000)
+
+        # Play again, then continue it on A: A plays the item, B is paused.
+        await a.click(f'{row} button[data-cmd="unpause"]')
+        await b.wait_for_function("() => !window.revengeDemo.video.paused", timeout=5_000)
+        await a.wait_for_selector(f'{row}[data-state="playing"]', timeout=5_000)
+        await a.click(f'{row} button[data-cmd="here"]')
+        await a.wait_for_function(
+            "() => !window.revengeDemo.video.paused"
+            " && window.revengeDemo.video.getAttribute('src') === '/media/test.webm'"
+            " && window.revengeDemo.video.currentTime > 1",
+            timeout=10_000,
+        )
+        await b.wait_for_function("() => window.revengeDemo.video.paused", timeout=5_000)
+
+        # The dashboard (admin) lists both devices of erin in "Now playing".
+        ctx_d = await browser.new_context(viewport={"width": 1280, "height": 900})
+        dash = await ctx_d.new_page()
+        dash_errors: list[str] = []
+        dash.on("pageerror", lambda exc: dash_errors.append(str(exc)))
+        await dash.goto(f"{hub.url}/dashboard?interval=1000")
+        await dash.fill("#token", hub.token("ops", role="admin"))
+        await dash.click("button[type=submit]")
+        for dev in (a_id, b_id):
+            await dash.wait_for_selector(
+                f'#now-playing tr[data-device="erin/{dev}"]', timeout=10_000
+            )
+        await dash.wait_for_selector(
+            f'#now-playing tr[data-device="erin/{a_id}"][data-state="playing"]', timeout=10_000
+        )
+        text = await dash.locator(f'#now-playing tr[data-device="erin/{a_id}"]').text_content()
+        assert "Laptop" in (text or "") and "direct" in (text or "")
+        assert a.errors == [] and b.errors == [] and dash_errors == []
+        for ctx in (ctx_a, ctx_b, ctx_d):
+            await ctx.close()

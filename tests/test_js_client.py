@@ -104,6 +104,40 @@ async def test_client_against_a_real_hub() -> None:
     assert counts["pass"] >= 6, counts
 
 
+async def test_the_devices_example_of_the_docs_runs(tmp_path: Path) -> None:
+    """docs/js-client.md "Devices and remote control": the TV + phone example, as printed,
+    against a real hub."""
+    node = node_binary()
+    text = (ROOT / "docs" / "js-client.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```js\n(// A TV that obeys.*?)```", text, re.S)
+    assert len(blocks) == 1, "the example is a ```js block starting with '// A TV that obeys'"
+    (tmp_path / "devices.mjs").write_text(blocks[0], encoding="utf-8")
+    shutil.copyfile(JS / "revenge-ws.js", tmp_path / "revenge-ws.js")
+    async with running_hub(make_settings()) as hub:
+        proc = await asyncio.create_subprocess_exec(
+            node,
+            *node_flags(node),
+            "devices.mjs",
+            cwd=tmp_path,
+            env={
+                **os.environ,
+                "HUB": hub.ws_url,
+                "TOKEN": hub.token("alice"),
+            },
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "device: Living room TV playing" in text and "device: Phone idle" in text, text
+    assert "tv: seek from phone-1 { position: 600 }" in text, text
+    assert re.search(
+        r"pause: \{\s*ok: true,\s*state: \{ state: 'paused', position: 600 \}", text
+    ), text
+    assert "set_volume: REJECTED" in text, text
+
+
 # -- one client, two places ------------------------------------------------------------
 @pytest.mark.parametrize("name", ["revenge-ws.js", "revenge-ws.d.ts"])
 def test_the_served_copy_is_the_canonical_file(name: str) -> None:

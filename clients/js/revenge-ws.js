@@ -26,6 +26,11 @@
  *
  * Presence: `OnlineUsers` keeps who is online from `activity.presence` messages.
  *
+ * Devices (§13): with the option `device` (or `setDevice()`) the client says `device.hello`
+ * after every (re)connect; `reportPlayback()` sends `playback.update` (repeated while
+ * playing), `onCommand()` answers `remote.command`, `sendCommand()` controls another device,
+ * `listDevices()` and `DeviceList` list them.
+ *
  * SyncPlay: `SyncController` (pure drift-correction logic, mirrors revenge_ws.client.syncplay)
  * and `SyncPlay` (a room session driving an HTMLMediaElement).
  *
@@ -55,7 +60,10 @@ export const CloseCode = Object.freeze({
   DISCONNECTED: 4503,
 });
 
-/** `code` of an `error` reply (§2); `TIMEOUT` is the client's own (no reply in time). */
+/**
+ * `code` of an `error` reply (§2). `TIMEOUT` is also the client's own (no reply in time);
+ * `REJECTED` and `TIMEOUT` answer a `remote.command` the device refused or did not answer (§13).
+ */
 export const ErrorCode = Object.freeze({
   INVALID_JSON: "INVALID_JSON",
   INVALID_MESSAGE: "INVALID_MESSAGE",
@@ -70,6 +78,7 @@ export const ErrorCode = Object.freeze({
   UNAVAILABLE: "UNAVAILABLE",
   INTERNAL: "INTERNAL",
   TIMEOUT: "TIMEOUT",
+  REJECTED: "REJECTED",
 });
 
 const RECONNECT_CODES = new Set([1001, 1006, 1011, 1012, 1013, 1014]);
@@ -723,6 +732,7 @@ export const DEFAULT_OPTIONS = Object.freeze({
   notificationIds: 10000,
   probeHandshake: true,
   watchNetwork: true,
+  playbackInterval: 10.0,
 });
 
 /**
@@ -816,6 +826,17 @@ export class RevengeClient extends Emitter {
     this._welcomeWindow = null;
     this._unauthorized = 0;
     this._state = "idle";
+    /** @type {Record<string, any> | null} the device.hello data (option `device`, setDevice) */
+    this._device = o.device ? deviceHello(o.device) : null;
+    /** @type {Record<string, any> | null} the hub's device object, from the last hello */
+    this.device = null;
+    this._deviceActive = false;
+    /** @type {{data: Record<string, any>, at: number} | null} the last playback report */
+    this._playback = null;
+    /** @type {any} */
+    this._playbackTimer = null;
+    /** @type {((cmd: any) => unknown) | null} */
+    this._commandHandler = null;
     this._onOnline = () => {
       if (this._state === "waiting") this._wakeUp();
     };
@@ -1038,6 +1059,127 @@ export class RevengeClient extends Emitter {
     return this.request("notification.ack", { ids: Array.isArray(ids) ? ids : [ids] });
   }
 
+  // -- devices, now playing, remote control (contract §13) ------------------------------
+
+  /**
+   * Make this client a device (or change it; `null` stops being one at the next connect).
+   * The client says `device.hello` now when connected, and again after every reconnect.
+   * Resolves with the hub's device object (null when not connected yet or without a device).
+   * @param {import("./revenge-ws").DeviceConfig | null} config
+   */
+  async setDevice(config) {
+    this._device = config == null ? null : deviceHello(config);
+    this._deviceActive = false;
+    this.device = null;
+    const conn = this._conn;
+    if (!this._device || !conn || conn.ended) return null;
+    await this._hello(conn);
+    return this.device;
+  }
+
+  /** The `device.hello` data this client sends, or null when it is not a device. */
+  get deviceConfig() {
+    return this._device ? { ...this._device, capabilities: { ...this._device.capabilities } } : null;
+  }
+
+  /**
+   * Whether the hub knows this connection as the device: hello acknowledged, not taken over
+   * by another connection (`device.ended`), connection up.
+   */
+  get deviceActive() {
+    return this._deviceActive && this._connected;
+  }
+
+  /**
+   * Report what this device plays (`playback.update`): on every state change; while
+   * `playing` the client repeats it every `playbackInterval` seconds (10) with the position
+   * extrapolated, and re-sends it after a reconnect. `stopped` clears it.
+   * Resolves true when the hub acknowledged it, false when it is kept for later (not
+   * connected, no device, device taken over); rejects with RequestError when the hub refused
+   * it (e.g. INVALID_MESSAGE).
+   * @param {import("./revenge-ws").PlaybackReport} report
+   */
+  reportPlayback(report) {
+    let data;
+    try {
+      data = playbackData(report);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    this._playback = data.state === "stopped" ? null : { data, at: this._timers.now() };
+    this._schedulePlayback();
+    if (!this._deviceActive || !this._conn || this._conn.ended) return Promise.resolve(false);
+    return this._sendPlayback(data);
+  }
+
+  /**
+   * What this device reported last, the position extrapolated to now while playing (as the
+   * periodic update sends it); null when nothing plays.
+   * @returns {Record<string, any> | null}
+   */
+  currentPlayback() {
+    const p = this._playback;
+    if (!p) return null;
+    const data = { ...p.data };
+    if (data.state === "playing") {
+      let pos = data.position + ((this._timers.now() - p.at) / 1000) * (data.rate ?? 1);
+      if (isNum(data.duration) && data.duration > 0) pos = Math.min(pos, data.duration);
+      data.position = round3(Math.max(0, pos));
+    }
+    return data;
+  }
+
+  /**
+   * Handle `remote.command` sent to this device: `handler({command, args, from, commandId})`
+   * may be async; its return value (an object) is sent as the result's `state`, a thrown
+   * error as `ok: false` with the error's message. One handler; returns a function that
+   * removes it. Without a handler, commands are answered `ok: false`.
+   * @param {(cmd: import("./revenge-ws").RemoteCommand) => unknown} handler
+   */
+  onCommand(handler) {
+    this._commandHandler = handler;
+    return () => {
+      if (this._commandHandler === handler) this._commandHandler = null;
+    };
+  }
+
+  /**
+   * Send a remote command to a device of this user (or, for admins, of `userId`); resolves
+   * with the device's result `{ok: true, state?, command_id}`. Rejects with RequestError
+   * whose `code` is REJECTED (the device said no, or does not take that command), TIMEOUT
+   * (no answer within `timeoutMs`, default 10000), NOT_FOUND, FORBIDDEN, UNAVAILABLE (it
+   * went away before answering), RATE_LIMITED or INVALID_MESSAGE.
+   * @param {string} deviceId
+   * @param {string} command
+   * @param {Record<string, any> | null} [args]
+   * @param {{userId?: string, timeoutMs?: number, timeout?: number}} [opts]
+   */
+  async sendCommand(deviceId, command, args = null, opts = {}) {
+    /** @type {Record<string, any>} */
+    const data = { device_id: deviceId, command };
+    if (args != null) data.args = args;
+    if (opts.userId != null) data.user_id = opts.userId;
+    if (opts.timeoutMs != null) data.timeout_ms = opts.timeoutMs;
+    // The hub answers TIMEOUT itself after timeout_ms: wait a little longer than that.
+    const timeout = opts.timeout ?? (opts.timeoutMs ?? DEFAULT_COMMAND_TIMEOUT_MS) / 1000 + this.options.requestTimeout;
+    const ack = await this.request("remote.command", data, { timeout });
+    return { ...(ack.result ?? { ok: true }), command_id: ack.command_id ?? null };
+  }
+
+  /**
+   * `devices.list`: this user's devices; admins may name `userId` or ask for `all`.
+   * @param {{userId?: string, all?: boolean, timeout?: number}} [opts]
+   * @returns {Promise<import("./revenge-ws").Device[]>}
+   */
+  async listDevices(opts = {}) {
+    /** @type {Record<string, any>} */
+    const data = {};
+    if (opts.userId != null) data.user_id = opts.userId;
+    if (opts.all) data.all = true;
+    const ack = await this.request("devices.list", data, { timeout: opts.timeout });
+    return Array.isArray(ack.devices) ? ack.devices : [];
+  }
+
   /** One ping/pong exchange; resolves with the clock sample it produced (or null). */
   async ping(opts = {}) {
     const timeout = opts.timeout ?? this.options.requestTimeout;
@@ -1191,6 +1333,101 @@ export class RevengeClient extends Emitter {
     };
   }
 
+  // -- internals: the device -----------------------------------------------------------
+
+  /** Say `device.hello` on `conn`; never rejects (a refusal is logged and emitted). */
+  async _hello(conn) {
+    const hello = this._device;
+    if (!hello) return;
+    this._deviceActive = false;
+    let reply;
+    try {
+      reply = await this._call("device.hello", hello, this.options.requestTimeout * 1000);
+    } catch (err) {
+      if (err instanceof ConnectionClosed || conn.ended) return;
+      this.logger.warn?.(`revenge-ws: device.hello failed: ${/** @type {any} */ (err)?.message ?? err}`);
+      this._emit("client.device", { active: false, device: null, error: errorData(err) });
+      return;
+    }
+    if (conn.ended || this._conn !== conn || this._device !== hello) return;
+    this.device = reply.data?.device ?? null;
+    this._deviceActive = true;
+    this._emit("client.device", { active: true, device: this.device });
+    const now = this.currentPlayback();
+    if (now) this._sendPlayback(now).catch((err) => this.logger.warn?.("revenge-ws: playback.update refused", err));
+  }
+
+  /** @param {Record<string, any>} data */
+  async _sendPlayback(data) {
+    this._schedulePlayback();
+    try {
+      await this._call("playback.update", data, this.options.requestTimeout * 1000);
+      return true;
+    } catch (err) {
+      if (err instanceof RequestError) throw err;
+      return false; // the connection went: sent again after the next hello
+    }
+  }
+
+  /** While playing, repeat the report every playbackInterval seconds. */
+  _schedulePlayback() {
+    if (this._playbackTimer !== null) this._timers.clearTimeout(this._playbackTimer);
+    this._playbackTimer = null;
+    if (this._done || this._playback?.data.state !== "playing") return;
+    this._playbackTimer = this._timers.setTimeout(() => {
+      this._playbackTimer = null;
+      const now = this.currentPlayback();
+      if (now && this._deviceActive && this._conn && !this._conn.ended) {
+        this._sendPlayback(now).catch((err) => this.logger.warn?.("revenge-ws: playback.update refused", err));
+      } else this._schedulePlayback();
+    }, this.options.playbackInterval * 1000);
+  }
+
+  /** `device.ended`: another connection took this device over; no hello until a reconnect. */
+  _onDeviceEnded(msg) {
+    const d = msg.data ?? {};
+    if (!this._device || (d.device_id != null && d.device_id !== this._device.device_id)) return;
+    this._deviceActive = false;
+    this.logger.info?.(`revenge-ws: device ${this._device.device_id} ended (${d.reason ?? "?"})`);
+    this._emit("client.device", { active: false, device: this.device, reason: d.reason ?? null });
+  }
+
+  /** `remote.command`: run the handler, answer with `remote.result` on the same connection. */
+  async _onRemoteCommand(msg) {
+    const d = msg.data ?? {};
+    const id = d.command_id;
+    if (typeof id !== "string" && !isNum(id)) return;
+    const conn = this._conn;
+    const handler = this._commandHandler;
+    /** @type {Record<string, any>} */
+    let result;
+    if (!handler) result = { ok: false, error: "this device takes no remote commands" };
+    else {
+      try {
+        const state = await handler({
+          command: String(d.command ?? ""),
+          args: d.args && typeof d.args === "object" ? d.args : {},
+          from: d.from ?? null,
+          commandId: id,
+          message: msg,
+        });
+        result = { ok: true };
+        if (state && typeof state === "object" && !Array.isArray(state)) result.state = state;
+      } catch (err) {
+        const text = String(/** @type {any} */ (err)?.message ?? err ?? "").slice(0, 500);
+        result = { ok: false, error: text || "failed" };
+      }
+    }
+    // The command died with its connection: the sender got UNAVAILABLE.
+    if (!conn || conn.ended || this._conn !== conn) return;
+    try {
+      await this._call("remote.result", { command_id: id, ...result }, this.options.requestTimeout * 1000);
+    } catch (err) {
+      // NOT_FOUND: the answer came too late (the sender got TIMEOUT).
+      this.logger.debug?.("revenge-ws: remote.result not taken", err);
+    }
+  }
+
   // -- internals: the connection loop --------------------------------------------------
 
   async _run() {
@@ -1238,6 +1475,9 @@ export class RevengeClient extends Emitter {
     if (this._done) return;
     this._done = true;
     this._connected = false;
+    this._deviceActive = false;
+    if (this._playbackTimer !== null) this._timers.clearTimeout(this._playbackTimer);
+    this._playbackTimer = null;
     this._setState("closed");
     if (typeof globalThis.removeEventListener === "function") {
       globalThis.removeEventListener("online", this._onOnline);
@@ -1526,7 +1766,7 @@ export class RevengeClient extends Emitter {
     this._conn = conn;
     const items = this._onWelcome(welcome, t3, conn.gen);
     this._setState("connected");
-    this._resync(conn, items);
+    this._resync(conn, items, this._device ? this._hello(conn) : null);
     this._startPinger(conn);
     this._startWatchdog(conn);
     this._scheduleRefresh(conn);
@@ -1535,6 +1775,7 @@ export class RevengeClient extends Emitter {
   _connectionEnded(conn, disc) {
     if (this._conn === conn) this._conn = null;
     this._connected = false;
+    this._deviceActive = false;
     this._rejectPending(new ConnectionClosed(disc.code, disc.reason));
   }
 
@@ -1554,7 +1795,8 @@ export class RevengeClient extends Emitter {
     return this._tracker.onWelcome(subs, gen);
   }
 
-  async _resync(conn, items) {
+  /** @param {Promise<void> | null} [hello] the device.hello in flight (sent first) */
+  async _resync(conn, items, hello = null) {
     for (let i = 0; i < items.length; i += SUBSCRIBE_CHUNK) {
       const chunk = items.slice(i, i + SUBSCRIBE_CHUNK);
       const names = chunk.map((x) => (typeof x === "string" ? x : x.name));
@@ -1572,6 +1814,7 @@ export class RevengeClient extends Emitter {
         return;
       }
     }
+    if (hello) await hello;
     if (conn.ended || this._conn !== conn) return;
     this._connected = true;
     this.stats.connects += 1;
@@ -1672,6 +1915,9 @@ export class RevengeClient extends Emitter {
       return;
     }
     if (type === "welcome") return;
+    if (type === "remote.command" && msg.channel == null) {
+      this._onRemoteCommand(msg).catch((err) => this.logger.error?.("revenge-ws: remote command failed", err));
+    } else if (type === "device.ended" && msg.channel == null) this._onDeviceEnded(msg);
     if (type === "subscription.reset") {
       this._onReset(msg);
       return;
@@ -1788,6 +2034,287 @@ function discEvent(disc, delay) {
     reconnect_in: delay,
     opened: disc.opened,
   };
+}
+
+// ------------------------------------------------------------------------------ devices
+
+/** Commands the hub validates (contract §13); names starting with `x-` are a device's own. */
+export const REMOTE_COMMANDS = Object.freeze([
+  "play",
+  "pause",
+  "unpause",
+  "toggle_pause",
+  "stop",
+  "seek",
+  "next",
+  "previous",
+  "set_volume",
+  "mute",
+  "unmute",
+  "display_message",
+]);
+
+const DEFAULT_COMMAND_TIMEOUT_MS = 10000;
+const PLAYBACK_STATES = new Set(["playing", "paused", "buffering", "stopped"]);
+const PLAYBACK_ALIASES = {
+  itemId: "item_id",
+  itemType: "item_type",
+  playMethod: "play_method",
+  transcodeJobId: "transcode_job_id",
+  roomId: "room_id",
+};
+
+function randomId() {
+  const c = globalThis.crypto;
+  if (c && typeof c.randomUUID === "function") return c.randomUUID();
+  return `d-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 12)}`;
+}
+
+/**
+ * The `device.hello` data of a device configuration (camelCase or wire names).
+ * @param {Record<string, any>} cfg
+ */
+export function deviceHello(cfg) {
+  if (!cfg || typeof cfg !== "object") throw new TypeError("a device needs a configuration object");
+  const commands = Array.isArray(cfg.commands) ? cfg.commands.map(String) : [];
+  const caps = cfg.capabilities && typeof cfg.capabilities === "object" ? cfg.capabilities : {};
+  const hello = {
+    device_id: String(cfg.deviceId ?? cfg.device_id ?? randomId()),
+    name: String(cfg.name ?? "Web browser"),
+    client: String(cfg.client ?? "revenge-ws.js"),
+    version: String(cfg.version ?? VERSION),
+    capabilities: {
+      remote_control: Boolean(cfg.remoteControl ?? caps.remote_control ?? commands.length > 0),
+      commands: commands.length ? commands : Array.isArray(caps.commands) ? caps.commands.map(String) : [],
+    },
+  };
+  if (hello.device_id.length < 1 || hello.device_id.length > 128) throw new RangeError("deviceId must have 1-128 characters");
+  if (hello.name.length < 1 || hello.name.length > 100) throw new RangeError("a device name must have 1-100 characters");
+  if (hello.client.length < 1 || hello.client.length > 100) throw new RangeError("a client name must have 1-100 characters");
+  if (hello.version.length > 50) throw new RangeError("a version must have at most 50 characters");
+  return hello;
+}
+
+/**
+ * The `playback.update` data of a report (wire names or camelCase aliases; null and
+ * undefined fields left out).
+ * @param {Record<string, any>} report
+ */
+export function playbackData(report) {
+  if (!report || typeof report !== "object") throw new TypeError("reportPlayback needs an object");
+  /** @type {Record<string, any>} */
+  const data = {};
+  for (const [k, v] of Object.entries(report)) {
+    if (v === undefined || v === null) continue;
+    data[/** @type {Record<string, string>} */ (PLAYBACK_ALIASES)[k] ?? k] = v;
+  }
+  if (typeof data.item_id !== "string" || data.item_id.length < 1) throw new RangeError("a playback report needs an item_id");
+  if (!PLAYBACK_STATES.has(data.state)) throw new RangeError(`state must be one of ${[...PLAYBACK_STATES].join(", ")}`);
+  if (!isNum(data.position) || data.position < 0) throw new RangeError("position must be a number >= 0 (seconds)");
+  data.position = round3(data.position);
+  if (isNum(data.duration)) data.duration = round3(Math.max(0, data.duration));
+  return data;
+}
+
+/**
+ * Where a device's `now_playing` is at server time `serverNow` (ms): its position,
+ * extrapolated from `updated_at` while playing (capped at the duration).
+ * @param {Record<string, any> | null | undefined} np
+ * @param {number} serverNow
+ */
+export function nowPlayingPosition(np, serverNow) {
+  if (!np || !isNum(np.position)) return 0;
+  let pos = np.position;
+  if (np.state === "playing" && isNum(np.updated_at) && serverNow > np.updated_at) {
+    pos += ((serverNow - np.updated_at) / 1000) * (isNum(np.rate) ? np.rate : 1);
+  }
+  if (isNum(np.duration) && np.duration > 0) pos = Math.min(pos, np.duration);
+  return Math.max(0, pos);
+}
+
+/** @param {unknown} err */
+function errorData(err) {
+  const e = /** @type {any} */ (err);
+  return { code: e?.code ?? null, message: String(e?.message ?? e) };
+}
+
+/** @param {any} d */
+function deviceKey(d) {
+  return `${d.user_id}\u0000${d.device_id}`;
+}
+
+/**
+ * Devices kept live: `devices.list`, then `device.updated` / `device.removed` (the user's
+ * own, on `user:{id}`) or, with `all: true` (admins), `sessions.updated` on the `sessions`
+ * channel. Reloads after every reconnect and after a failed recovery. Event: `change`
+ * (the sorted list).
+ *
+ *     const devices = new DeviceList(client);            // or { all: true } for admins
+ *     devices.on("change", (list) => render(list));
+ *     await devices.start();
+ */
+export class DeviceList extends Emitter {
+  /**
+   * @param {RevengeClient} client
+   * @param {{all?: boolean, userId?: string}} [opts]
+   */
+  constructor(client, opts = {}) {
+    super();
+    this.client = client;
+    this.all = Boolean(opts.all);
+    this.userId = opts.userId ?? null;
+    /** @type {Map<string, any>} */
+    this.devices = new Map();
+    this.loaded = false;
+    /** @type {unknown} */
+    this.error = null;
+    this._offs = /** @type {(() => void)[]} */ ([]);
+    this._gen = 0;
+    /** @type {Set<string> | null} keys removed while a list was loading */
+    this._removed = null;
+    /** @type {Set<string> | null} keys updated while a list was loading */
+    this._touched = null;
+    this._started = false;
+  }
+
+  /** Follow the devices; resolves once the first list is in (or failed: see `error`). */
+  async start() {
+    if (this._started) return;
+    this._started = true;
+    const c = this.client;
+    const on = (/** @type {string} */ key, /** @type {(m: any) => void} */ fn) => this._offs.push(c.on(key, fn));
+    const mine = (/** @type {any} */ msg) => typeof msg.channel === "string" && msg.channel.startsWith("user:");
+    on("device.updated", (msg) => {
+      if (!mine(msg) || !msg.data?.device) return;
+      if (this.all || this._wanted(msg.data.device.user_id)) this._put(msg.data.device) && this._changed();
+    });
+    on("device.removed", (msg) => {
+      if (!mine(msg) || !msg.data?.device_id) return;
+      const userId = msg.data.user_id ?? msg.channel.slice(5);
+      if (this._drop(userId, msg.data.device_id)) this._changed();
+    });
+    on("sessions.updated", (msg) => {
+      if (!this.all) return;
+      const d = msg.data ?? {};
+      let changed = false;
+      for (const dev of Array.isArray(d.devices) ? d.devices : []) changed = this._put(dev) || changed;
+      for (const r of Array.isArray(d.removed) ? d.removed : []) changed = this._drop(r.user_id, r.device_id) || changed;
+      if (changed) this._changed();
+    });
+    on("client.connected", async () => {
+      await this._follow();
+      await this.reload();
+    });
+    on("client.recovery_failed", (ev) => {
+      const ch = ev.data?.channel ?? "";
+      if (ch === "sessions" || ch.startsWith("user:")) this.reload();
+    });
+    if (c.connected) {
+      await this._follow();
+      await this.reload();
+    }
+  }
+
+  /** With `all`: subscribe `sessions` (once; the client keeps it across reconnects). */
+  async _follow() {
+    const c = this.client;
+    if (!this.all || c.channels.includes("sessions")) return;
+    try {
+      await c.subscribe("sessions");
+    } catch (err) {
+      this.error = err;
+    }
+  }
+
+  /** Stop following (the `sessions` subscription stays with the client). */
+  stop() {
+    for (const off of this._offs.splice(0)) off();
+    this._started = false;
+    this._gen += 1;
+  }
+
+  /** Load the list again (after a reconnect the client does it by itself). */
+  async reload() {
+    const gen = ++this._gen;
+    this._removed = new Set();
+    this._touched = new Set();
+    let list;
+    try {
+      list = await this.client.listDevices(this.all ? { all: true } : this.userId ? { userId: this.userId } : {});
+    } catch (err) {
+      if (gen === this._gen) {
+        this.error = err;
+        this._removed = this._touched = null;
+        this._dispatch("error", err, this.client.logger);
+      }
+      return;
+    }
+    if (gen !== this._gen) return;
+    const removed = this._removed;
+    const touched = this._touched;
+    this._removed = this._touched = null;
+    /** @type {Map<string, any>} */
+    const next = new Map();
+    for (const d of list) {
+      if (!d || typeof d !== "object") continue;
+      const key = deviceKey(d);
+      if (removed.has(key)) continue;
+      const cur = this.devices.get(key);
+      next.set(key, cur && touched.has(key) && (cur.updated_at ?? 0) > (d.updated_at ?? 0) ? cur : d);
+    }
+    for (const key of touched) if (!next.has(key) && this.devices.has(key)) next.set(key, this.devices.get(key));
+    this.devices = next;
+    this.error = null;
+    this.loaded = true;
+    this._changed();
+  }
+
+  /** The devices, by user then name. */
+  list() {
+    return [...this.devices.values()].sort(
+      (a, b) => String(a.user_id).localeCompare(String(b.user_id)) || String(a.name).localeCompare(String(b.name)) || String(a.device_id).localeCompare(String(b.device_id)),
+    );
+  }
+
+  /** @param {string} deviceId @param {string} [userId] */
+  get(deviceId, userId) {
+    for (const d of this.devices.values()) if (d.device_id === deviceId && (userId == null || d.user_id === userId)) return d;
+    return null;
+  }
+
+  get size() {
+    return this.devices.size;
+  }
+
+  /** @param {string} userId */
+  _wanted(userId) {
+    return this.userId == null ? userId === this.client.userId || userId == null : userId === this.userId;
+  }
+
+  /** @param {any} dev */
+  _put(dev) {
+    if (!dev || typeof dev.device_id !== "string") return false;
+    const d = dev.user_id == null ? { ...dev, user_id: this.client.userId } : dev;
+    const key = deviceKey(d);
+    const cur = this.devices.get(key);
+    if (cur && isNum(cur.updated_at) && isNum(d.updated_at) && cur.updated_at > d.updated_at) return false;
+    this.devices.set(key, d);
+    this._touched?.add(key);
+    this._removed?.delete(key);
+    return true;
+  }
+
+  /** @param {string} userId @param {string} deviceId */
+  _drop(userId, deviceId) {
+    const key = deviceKey({ user_id: userId, device_id: deviceId });
+    this._removed?.add(key);
+    this._touched?.delete(key);
+    return this.devices.delete(key);
+  }
+
+  _changed() {
+    this._dispatch("change", this.list(), this.client.logger);
+  }
 }
 
 // ------------------------------------------------------------------------------ presence

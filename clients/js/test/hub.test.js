@@ -5,7 +5,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createHmac } from "node:crypto";
-import { ConnectionClosed, RequestError, RevengeClient, SyncController } from "../revenge-ws.js";
+import { ConnectionClosed, DeviceList, RequestError, RevengeClient, SyncController } from "../revenge-ws.js";
 
 const HUB = process.env.REVENGE_TEST_HUB;
 const SECRET = process.env.REVENGE_TEST_SECRET;
@@ -177,4 +177,53 @@ test("syncplay over the hub: create, join, a scheduled play reaches both players
   assert.equal(player.playing, true);
   await a.close();
   await b.close();
+});
+
+test("devices: hello, playback.update, remote control between two connections, takeover", { skip }, async () => {
+  const user = uid("d");
+  const tv = client(user, { device: { deviceId: "tv", name: "TV", client: "js-test", version: "1", commands: ["pause", "seek"] } });
+  const phone = client(user, { device: { deviceId: "phone", name: "Phone", client: "js-test", version: "1" } });
+  await Promise.all([tv.connect(5), phone.connect(5)]);
+  assert.equal(tv.deviceActive, true);
+  assert.equal(tv.device.device_id, "tv");
+  assert.equal(tv.device.user_id, user);
+  const paused = [];
+  tv.onCommand(({ command, args, from }) => {
+    if (command === "seek" && args.position > 100) throw new Error("beyond the end");
+    paused.push({ command, from });
+    return { state: "paused", position: 42 };
+  });
+  assert.equal(await tv.reportPlayback({ itemId: "m1", title: "Arrival", state: "playing", position: 40, duration: 120 }), true);
+
+  // The phone lists both devices and follows the tv's updates.
+  const list = new DeviceList(phone);
+  await list.start();
+  assert.deepEqual(list.list().map((d) => d.device_id).sort(), ["phone", "tv"]);
+  await until(() => list.get("tv")?.now_playing?.item_id === "m1", 5000, "the tv's now playing");
+
+  const res = await phone.sendCommand("tv", "pause");
+  assert.equal(res.ok, true);
+  assert.deepEqual(res.state, { state: "paused", position: 42 });
+  assert.equal(typeof res.command_id, "string");
+  assert.deepEqual(paused, [{ command: "pause", from: { user_id: user, device_id: "phone" } }]);
+  await assert.rejects(phone.sendCommand("tv", "seek", { position: 500 }), (e) => e.code === "REJECTED" && /beyond the end/.test(e.message));
+  await assert.rejects(phone.sendCommand("tv", "mute"), (e) => e.code === "REJECTED"); // not in its commands
+  await assert.rejects(phone.sendCommand("nope", "pause"), (e) => e.code === "NOT_FOUND");
+  const other = client(uid("o"));
+  await other.connect(5);
+  await assert.rejects(other.sendCommand("tv", "pause", null, { userId: user }), (e) => e.code === "FORBIDDEN" || e.code === "NOT_FOUND");
+
+  // Another connection takes the tv over: the first gets device.ended and does not say hello again.
+  const ended = [];
+  tv.on("client.device", (ev) => ended.push(ev.data));
+  const tv2 = client(user, { device: tv.deviceConfig && { deviceId: "tv", name: "TV 2", client: "js-test", version: "1" } });
+  await tv2.connect(5);
+  await until(() => ended.some((e) => e.active === false), 5000, "device.ended");
+  assert.equal(ended.find((e) => !e.active).reason, "replaced");
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(tv.deviceActive, false);
+  assert.equal(tv2.deviceActive, true);
+  await until(() => list.get("tv")?.name === "TV 2", 5000, "the takeover in the list");
+  for (const c of [tv, tv2, phone, other]) await c.close();
+  list.stop();
 });

@@ -1,8 +1,9 @@
 // The hub's live dashboard (admins): node statistics from GET /api/v1/realtime/info,
 // message rates from /metrics, health from /readyz, rooms from GET /api/v1/syncplay/rooms,
 // and the `server` and `activity` channels live over the JavaScript client (online users from
-// activity.presence). No libraries: the chart is SVG.
-import { OnlineUsers, RevengeClient } from "/client/revenge-ws.js";
+// activity.presence), and what every device plays (devices.list {all: true}, then the admin
+// `sessions` channel). No libraries: the chart is SVG.
+import { DeviceList, OnlineUsers, RevengeClient, nowPlayingPosition } from "/client/revenge-ws.js";
 
 const $ = (id) => /** @type {any} */ (document.getElementById(id));
 const params = new URLSearchParams(location.search);
@@ -39,6 +40,8 @@ const dash = {
   client: /** @type {RevengeClient | null} */ (null),
   /** users online, from the activity.presence messages since the page connected */
   online: new OnlineUsers(),
+  /** every device of every user, live (admin JWT) */
+  devices: /** @type {DeviceList | null} */ (null),
   polls: 0,
 };
 globalThis.revengeDashboard = dash;
@@ -299,6 +302,8 @@ function renderChart() {
 // ---------------------------------------------------------------- live server events
 
 function connectEvents(token) {
+  dash.devices?.stop();
+  dash.devices = null;
   dash.client?.close();
   dash.client = null;
   dash.online.clear();
@@ -334,9 +339,91 @@ function connectEvents(token) {
     // Once: after a reconnect the client re-subscribes with `since` by itself.
     if (!client.channels.includes("activity")) client.subscribe("activity").catch(() => {});
   });
+  // Now playing: the list once (and after every reconnect), then sessions.updated.
+  const devices = new DeviceList(client, { all: true });
+  dash.devices = devices;
+  devices.on("change", () => renderNowPlaying());
+  devices.on("error", () => renderNowPlaying());
+  client.once("client.connected", () => {
+    if (dash.devices === devices) devices.start().catch(() => {});
+  });
   renderOnline();
+  renderNowPlaying();
   client.start();
 }
+
+function renderNowPlaying() {
+  const tbody = $("now-playing");
+  const devices = dash.devices;
+  const note = (text) => tbody.replaceChildren(el("tr", {}, el("td", { colSpan: 6, class: "empty", textContent: text })));
+  if (!devices) {
+    $("np-count").textContent = "–";
+    $("np-note").textContent = "";
+    note("Needs an admin JWT.");
+    return;
+  }
+  if (!devices.loaded) {
+    const err = devices.error;
+    $("np-count").textContent = "–";
+    note(err ? `Unavailable: ${err.code ?? ""} ${err.message ?? err}` : "Loading…");
+    return;
+  }
+  const list = devices.list();
+  const playing = list.filter((d) => d.now_playing && d.now_playing.state !== "stopped");
+  $("np-count").textContent = fmt(playing.length);
+  $("np-note").textContent = `${fmt(list.length)} devices · ${fmt(new Set(list.map((d) => d.user_id)).size)} users`;
+  if (!list.length) {
+    note("No device is connected.");
+    return;
+  }
+  const now = dash.client?.serverTime() ?? Date.now();
+  // Playing first, then paused, then idle devices.
+  const rank = (d) => ({ playing: 0, buffering: 1, paused: 2 })[d.now_playing?.state] ?? 3;
+  const rows = [...list].sort((a, b) => rank(a) - rank(b));
+  tbody.replaceChildren(
+    ...rows.map((d) => {
+      const np = d.now_playing;
+      const at = np ? nowPlayingPosition(np, now) : 0;
+      const fill = el("div");
+      fill.style.width = np?.duration ? `${Math.min(100, (100 * at) / np.duration).toFixed(1)}%` : "0%";
+      const st = np?.state ?? "idle";
+      return el(
+        "tr",
+        { "data-device": `${d.user_id}/${d.device_id}`, "data-state": st },
+        el("td", { class: "mono", textContent: d.user_id }),
+        el("td", {}, d.name, " ", el("span", { class: `badge ${st === "playing" ? "ok" : st === "buffering" ? "warn" : st === "paused" ? "accent" : ""}`, textContent: st })),
+        el("td", { class: "muted", textContent: `${d.client} ${d.version}` }),
+        el("td", { title: np?.item_id ?? "", textContent: np ? np.title || np.item_id : "–" }),
+        el(
+          "td",
+          { class: "progress" },
+          np ? el("div", { class: "bar" }, fill) : null,
+          np ? el("span", { class: "mono muted", textContent: `${fmtClock(at)}${np.duration ? ` / ${fmtClock(np.duration)}` : ""}` }) : null,
+        ),
+        el(
+          "td",
+          {},
+          np?.play_method
+            ? el("span", { class: `badge ${np.play_method === "transcode" ? "warn" : "ok"}`, textContent: np.play_method, title: np.transcode_job_id ? `job ${np.transcode_job_id}` : "" })
+            : "–",
+        ),
+      );
+    }),
+  );
+}
+
+function fmtClock(s) {
+  if (!Number.isFinite(s)) return "0:00";
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const sec = String(Math.floor(s % 60)).padStart(2, "0");
+  return h ? `${h}:${String(m).padStart(2, "0")}:${sec}` : `${m}:${sec}`;
+}
+
+// Positions move while playing: re-render every second.
+setInterval(() => {
+  if (dash.devices?.loaded) renderNowPlaying();
+}, 1000);
 
 function renderOnline() {
   const users = [...dash.online.users];
@@ -373,10 +460,13 @@ function stop() {
   if (dash.timer) clearTimeout(dash.timer);
   dash.timer = null;
   dash.token = "";
+  dash.devices?.stop();
+  dash.devices = null;
   dash.client?.close();
   dash.client = null;
   dash.online.clear();
   renderOnline();
+  renderNowPlaying();
 }
 
 $("interval").value = String(dash.interval);

@@ -1,7 +1,9 @@
 // The hub's demo page: notifications as toasts (acknowledged once shown), transcoding
-// progress bars, a watch party whose <video> follows the room's timeline, and who is online.
+// progress bars, a watch party whose <video> follows the room's timeline, who is online, and
+// the user's devices: the page is a device itself (its <video> obeys remote commands and
+// reports what it plays) and controls the user's other devices.
 // Plain ES module, no build step; everything goes through /client/revenge-ws.js.
-import { OnlineUsers, RequestError, RevengeClient, SyncPlay } from "/client/revenge-ws.js";
+import { DeviceList, OnlineUsers, RequestError, RevengeClient, SyncPlay, VERSION, nowPlayingPosition } from "/client/revenge-ws.js";
 
 const $ = (id) => /** @type {any} */ (document.getElementById(id));
 const params = new URLSearchParams(location.search);
@@ -24,6 +26,13 @@ const demo = {
   inviteCode: null,
   /** users online, from the activity.presence messages since the page connected */
   online: new OnlineUsers(),
+  /** the user's devices (this page among them), live */
+  devices: /** @type {DeviceList | null} */ (null),
+  /** remote commands this page obeyed: {command, args, from, at} */
+  remoteLog: /** @type {any[]} */ ([]),
+  /** the outcome of the last command sent from "My devices" */
+  lastCommand: /** @type {any} */ (null),
+  lastItem: /** @type {string | null} */ (null),
 };
 globalThis.revengeDemo = demo;
 
@@ -68,6 +77,8 @@ function signOut() {
   const client = demo.client;
   if (demo.party) demo.party.detach();
   demo.party = null;
+  demo.devices?.stop();
+  demo.devices = null;
   demo.client = null;
   if (client) client.close();
   sessionStorage.removeItem(TOKEN_KEY);
@@ -76,15 +87,18 @@ function signOut() {
   $("clock").classList.add("hidden");
   $("disconnect").disabled = true;
   showSignedIn(null);
-  for (const id of ["create", "join"]) $(id).disabled = true;
+  for (const id of ["create", "join", "local-play"]) $(id).disabled = true;
   showRoom(null);
   resetPresence();
+  $("this-device").classList.add("hidden");
+  renderDevices();
 }
 
 function signIn(token) {
   signOut();
   sessionStorage.setItem(TOKEN_KEY, token);
-  const client = new RevengeClient("/api/v1/ws", { token });
+  // The page is a device: it says device.hello after every (re)connect (contract §13).
+  const client = new RevengeClient("/api/v1/ws", { token, device: pageDevice() });
   demo.client = client;
   $("disconnect").disabled = false;
 
@@ -131,6 +145,7 @@ function signIn(token) {
   });
   setupParty(client);
   setupPresence(client);
+  setupDevices(client);
   client.start();
 }
 
@@ -347,6 +362,8 @@ function setupParty(client) {
 
 function showRoom(room) {
   const inRoom = !!room;
+  // Outside a room the video is the page's own (native controls); in a room the buttons below drive the room.
+  video.controls = !inRoom && !!video.getAttribute("src");
   $("no-room").classList.toggle("hidden", inRoom);
   $("in-room").classList.toggle("hidden", !inRoom);
   for (const id of controlIds) $(id).disabled = !inRoom;
@@ -473,6 +490,350 @@ setInterval(() => {
   $("drift").textContent = `${drift >= 0 ? "+" : "−"}${Math.abs(drift).toFixed(0)} ms · ${video.playbackRate.toFixed(2)}×`;
 }, 250);
 
+// ---------------------------------------------------------------- devices and remote control
+
+const DEVICE_KEY = "revenge-ws-demo-device";
+/** What this page's video obeys (capabilities.commands of its device.hello). */
+const PAGE_COMMANDS = ["play", "pause", "unpause", "toggle_pause", "seek", "stop", "set_volume", "mute", "unmute", "display_message"];
+
+/** One device id per tab (sessionStorage: it survives a reload, a second tab gets its own). */
+function pageDevice() {
+  let id = sessionStorage.getItem(DEVICE_KEY);
+  if (!id) {
+    id = `demo-${crypto.randomUUID()}`;
+    sessionStorage.setItem(DEVICE_KEY, id);
+  }
+  const ua = navigator.userAgent;
+  const browser = /Edg\//.test(ua) ? "Edge" : /Firefox\//.test(ua) ? "Firefox" : /Chrome\//.test(ua) ? "Chrome" : /Safari\//.test(ua) ? "Safari" : "Browser";
+  const name = params.get("device") || `${browser} · tab ${id.slice(5, 9)}`;
+  return { deviceId: id, name, client: "revenge-ws demo", version: VERSION, commands: PAGE_COMMANDS, remoteControl: true };
+}
+
+function setupDevices(client) {
+  const devices = new DeviceList(client);
+  demo.devices = devices;
+  devices.on("change", () => renderDevices());
+  devices.on("error", (err) => setDeviceNote(`devices unavailable: ${err?.code ?? ""} ${err?.message ?? err}`, "bad"));
+  client.on("client.device", (ev) => {
+    const d = ev.data;
+    const badge = $("this-device");
+    badge.classList.toggle("hidden", !d.device && !d.active);
+    if (d.active) {
+      badge.textContent = `this page: ${client.deviceConfig?.name}`;
+      badge.className = "badge accent";
+    } else if (d.reason) {
+      badge.textContent = `this page: taken over (${d.reason})`;
+      badge.className = "badge warn";
+    } else if (d.error) {
+      setDeviceNote(`this page is not a device: ${d.error.code ?? ""} ${d.error.message}`, "bad");
+    }
+    renderDevices();
+  });
+  client.onCommand((cmd) => obey(cmd));
+  client.on("client.connected", () => {
+    $("local-play").disabled = false;
+  });
+  devices.start().catch((err) => console.warn("revenge-ws demo: devices", err));
+}
+
+/** Carry out a remote command on this page's video; the returned object is the result's state. */
+async function obey(cmd) {
+  const { command, args } = cmd;
+  demo.remoteLog.push({ command, args, from: cmd.from, at: Date.now() });
+  const party = demo.party?.roomId ? demo.party : null;
+  const hasMedia = () => !!video.currentSrc;
+  switch (command) {
+    case "play": {
+      const item = args.item_ids?.[0];
+      if (args.mode && args.mode !== "now") throw new Error("this page has no queue (mode 'now' only)");
+      if (party) throw new Error("this page is in a watch party: leave it first");
+      if (!item) throw new Error("play needs item_ids");
+      await playHere(item, Number(args.start_position ?? 0));
+      break;
+    }
+    case "pause":
+      if (party) await party.pause();
+      else video.pause();
+      break;
+    case "unpause":
+      if (!hasMedia()) throw new Error("nothing to play");
+      if (party) await party.play();
+      else await startVideo();
+      break;
+    case "toggle_pause":
+      if (!hasMedia()) throw new Error("nothing to play");
+      if (party) await (video.paused ? party.play() : party.pause());
+      else if (video.paused) await startVideo();
+      else video.pause();
+      break;
+    case "seek": {
+      if (!hasMedia()) throw new Error("nothing is playing");
+      const pos = Math.max(0, Number(args.position));
+      if (party) await party.seek(pos);
+      else video.currentTime = Number.isFinite(video.duration) ? Math.min(pos, video.duration) : pos;
+      break;
+    }
+    case "stop":
+      if (party) await party.leave().catch(() => {});
+      if (party) showRoom(null);
+      stopVideo();
+      break;
+    case "set_volume":
+      video.volume = Math.min(100, Math.max(0, Number(args.volume))) / 100;
+      break;
+    case "mute":
+      video.muted = true;
+      break;
+    case "unmute":
+      video.muted = false;
+      $("unmute").classList.add("hidden");
+      break;
+    case "display_message":
+      showMessage(args.header, args.text, Number(args.timeout_ms) || 6000, cmd.from);
+      break;
+    default:
+      throw new Error(`unknown command '${command}'`);
+  }
+  return playerState();
+}
+
+async function startVideo() {
+  try {
+    await video.play();
+  } catch (err) {
+    // No user gesture on this page: browsers allow muted playback.
+    if (err?.name !== "NotAllowedError" || video.muted) throw err;
+    video.muted = true;
+    $("unmute").classList.remove("hidden");
+    await video.play();
+  }
+}
+
+/** Play `src` on this page from `position` (s), outside a room. */
+async function playHere(src, position = 0) {
+  if (demo.party?.roomId) throw new Error("this page is in a watch party: leave it first");
+  if (video.getAttribute("src") !== src) {
+    video.src = src;
+    video.load();
+  }
+  video.controls = true;
+  if (position > 0) {
+    if (video.readyState < 1) await new Promise((r) => video.addEventListener("loadedmetadata", r, { once: true }));
+    video.currentTime = Number.isFinite(video.duration) ? Math.min(position, video.duration) : position;
+  }
+  await startVideo();
+}
+
+function stopVideo() {
+  video.pause();
+  video.removeAttribute("src");
+  video.load();
+  reportNow();
+}
+
+function playerState() {
+  const s = {
+    state: !video.currentSrc ? "stopped" : video.paused ? "paused" : "playing",
+    position: Math.round(video.currentTime * 1000) / 1000,
+    volume: Math.round(video.volume * 100),
+    muted: video.muted,
+  };
+  if (Number.isFinite(video.duration)) s.duration = video.duration;
+  return s;
+}
+
+function showMessage(header, text, ms, from) {
+  const toast = el(
+    "div",
+    { class: "toast message" },
+    el("div", { class: "title", textContent: header || "Message" }),
+    el("div", { class: "body", textContent: String(text ?? "") }),
+    el("div", { class: "meta", textContent: `remote message${from?.user_id ? ` from ${from.user_id}` : ""}` }),
+  );
+  $("toasts").prepend(toast);
+  setTimeout(() => toast.remove(), Math.min(Math.max(ms, 1000), 60_000));
+}
+
+// What the video does, reported as playback.update (debounced: events come in bursts).
+let reportTimer = null;
+let reported = false;
+function reportSoon() {
+  if (reportTimer === null) reportTimer = setTimeout(reportNow, 80);
+}
+function reportNow() {
+  if (reportTimer !== null) clearTimeout(reportTimer);
+  reportTimer = null;
+  const client = demo.client;
+  if (!client) return;
+  const src = video.getAttribute("src");
+  if (!src || !video.currentSrc) {
+    if (reported) client.reportPlayback({ item_id: demo.lastItem ?? "none", state: "stopped", position: 0 }).catch(() => {});
+    reported = false;
+    return;
+  }
+  const item = src.slice(0, 128);
+  demo.lastItem = item;
+  const state = video.ended ? "stopped" : video.paused ? "paused" : video.readyState < 3 && !video.seeking ? "buffering" : "playing";
+  const report = {
+    item_id: item,
+    item_type: "video",
+    title: decodeURIComponent(src.split("/").pop() || src).slice(0, 300),
+    state,
+    position: video.currentTime,
+    rate: Math.min(4, Math.max(0.25, video.playbackRate || 1)),
+    volume: Math.round(video.volume * 100),
+    muted: video.muted,
+    play_method: "direct",
+  };
+  if (Number.isFinite(video.duration)) report.duration = video.duration;
+  if (demo.party?.roomId) report.room_id = demo.party.roomId;
+  reported = state !== "stopped";
+  client.reportPlayback(report).catch((err) => console.warn("revenge-ws demo: playback.update refused", err));
+}
+for (const ev of ["play", "playing", "pause", "seeked", "waiting", "ended", "ratechange", "volumechange", "loadedmetadata", "emptied"]) {
+  video.addEventListener(ev, reportSoon);
+}
+
+function setDeviceNote(text, kind = "") {
+  const note = $("device-note");
+  note.textContent = text;
+  note.className = `note ${kind ? `error-text` : "muted"}`;
+}
+
+/** One row per device, updated in place (so a click is never lost to a re-render). */
+const deviceRows = new Map();
+
+function renderDevices() {
+  const client = demo.client;
+  const list = demo.devices?.list() ?? [];
+  const box = $("devices");
+  $("device-count").textContent = String(list.length);
+  const seen = new Set();
+  box.querySelector(".empty")?.remove();
+  for (const d of list) {
+    const key = d.device_id;
+    seen.add(key);
+    let row = deviceRows.get(key);
+    if (!row) {
+      row = deviceRow(key);
+      deviceRows.set(key, row);
+      box.append(row.node);
+    }
+    updateDeviceRow(row, d, client);
+  }
+  for (const [key, row] of deviceRows) {
+    if (seen.has(key)) continue;
+    row.node.remove();
+    deviceRows.delete(key);
+  }
+  if (list.length === 0) box.replaceChildren(el("li", { class: "empty", textContent: client ? "No device yet." : "Sign in to see your devices." }));
+}
+
+function deviceRow(deviceId) {
+  const name = el("b");
+  const meta = el("span", { class: "muted mono" });
+  const what = el("span", { class: "what" });
+  const state = el("span", { class: "badge" });
+  const pos = el("span", { class: "mono muted" });
+  const fill = el("div");
+  const result = el("span", { class: "muted result" });
+  const button = (cmd, label, title) => {
+    const b = el("button", { type: "button", class: "secondary small", textContent: label, title, "data-cmd": cmd });
+    b.addEventListener("click", () => remoteClick(deviceId, cmd, row));
+    return b;
+  };
+  const buttons = el(
+    "span",
+    { class: "row remote" },
+    button("pause", "Pause", "pause it"),
+    button("unpause", "Play", "play it (unpause)"),
+    button("back", "−10 s", "seek back 10 s"),
+    button("fwd", "+10 s", "seek forward 10 s"),
+    button("here", "Play here", "continue its video on this page (and pause it there)"),
+  );
+  const node = el(
+    "li",
+    { "data-device": deviceId },
+    el("div", { class: "head" }, name, " ", meta, el("span", { class: "spacer" }), state),
+    el("div", { class: "np" }, what, " ", pos),
+    el("div", { class: "bar" }, fill),
+    el("div", { class: "row mt6" }, buttons, result),
+  );
+  const row = { node, name, meta, what, state, pos, fill, buttons, result, device: null };
+  return row;
+}
+
+function updateDeviceRow(row, d, client) {
+  row.device = d;
+  const mine = client?.deviceConfig?.device_id === d.device_id;
+  const np = d.now_playing;
+  row.name.textContent = d.name;
+  row.meta.textContent = `${d.client} ${d.version}${mine ? " · this page" : ""}`;
+  row.node.classList.toggle("self", mine);
+  const st = np?.state ?? "idle";
+  row.state.textContent = st;
+  row.state.className = `badge ${st === "playing" ? "ok" : st === "buffering" ? "warn" : st === "paused" ? "accent" : ""}`;
+  row.node.dataset.state = st;
+  row.what.textContent = np ? np.title || np.item_id : "nothing playing";
+  const now = client ? client.serverTime() : Date.now();
+  const at = np ? nowPlayingPosition(np, now) : 0;
+  row.pos.textContent = np ? `${fmtTime(at)}${np.duration ? ` / ${fmtTime(np.duration)}` : ""}${np.play_method ? ` · ${np.play_method}` : ""}` : "";
+  row.fill.style.width = np?.duration ? `${Math.min(100, (100 * at) / np.duration).toFixed(1)}%` : "0%";
+  const cmds = new Set(d.capabilities?.remote_control ? d.capabilities.commands ?? [] : []);
+  const need = { pause: "pause", unpause: "unpause", back: "seek", fwd: "seek", here: null };
+  for (const b of row.buttons.children) {
+    const cmd = b.dataset.cmd;
+    const ok = cmd === "here" ? !!np && !demo.party?.roomId : cmds.has(need[cmd]) && !!np;
+    b.disabled = mine || !ok;
+  }
+  row.buttons.classList.toggle("hidden", mine);
+}
+
+async function remoteClick(deviceId, what, row) {
+  const client = demo.client;
+  const d = row.device;
+  if (!client || !d) return;
+  const np = d.now_playing;
+  const at = np ? nowPlayingPosition(np, client.serverTime()) : 0;
+  row.result.textContent = "…";
+  row.result.className = "muted result";
+  try {
+    if (what === "here") {
+      await playHere(np.item_id, at);
+      await client.sendCommand(deviceId, "pause").catch(() => {});
+      row.result.textContent = "continued here";
+      return;
+    }
+    const [command, args] =
+      what === "back" ? ["seek", { position: Math.max(0, at - 10) }] : what === "fwd" ? ["seek", { position: at + 10 }] : [what, null];
+    const t0 = performance.now();
+    const res = await client.sendCommand(deviceId, command, args, { timeoutMs: 5000 });
+    demo.lastCommand = { deviceId, command, result: res };
+    row.result.textContent = `${command}: ok (${Math.round(performance.now() - t0)} ms)${res.state?.state ? ` · ${res.state.state}` : ""}`;
+    row.result.className = "result feed-ok";
+  } catch (err) {
+    demo.lastCommand = { deviceId, command: what, error: { code: err?.code ?? null, message: err?.message ?? String(err) } };
+    row.result.textContent = err instanceof RequestError ? `${err.code}: ${err.message}` : String(err?.message ?? err);
+    row.result.className = "result error-text";
+  }
+}
+
+// Positions move while playing: refresh the rows every second.
+setInterval(() => {
+  if (demo.devices && deviceRows.size) renderDevices();
+}, 1000);
+
+$("local-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const src = $("local-url").value.trim();
+  if (!src) return;
+  try {
+    await playHere(src, 0);
+  } catch (err) {
+    setDeviceNote(String(err?.message ?? err), "bad");
+  }
+});
+
 // ---------------------------------------------------------------- start
 
 $("signin").addEventListener("submit", (ev) => {
@@ -484,7 +845,7 @@ $("disconnect").addEventListener("click", () => {
   $("token").value = "";
   signOut();
 });
-if (params.get("media")) $("media-url").value = params.get("media");
+if (params.get("media")) $("media-url").value = $("local-url").value = params.get("media");
 if (params.get("room")) $("join-id").value = params.get("room");
 const saved = sessionStorage.getItem(TOKEN_KEY);
 if (saved) {

@@ -33,7 +33,8 @@ export type ErrorCodeName =
   | "TOKEN_EXPIRED"
   | "UNAVAILABLE"
   | "INTERNAL"
-  | "TIMEOUT";
+  | "TIMEOUT"
+  | "REJECTED";
 
 export declare const ErrorCode: Readonly<{ [K in ErrorCodeName]: K }>;
 
@@ -247,7 +248,8 @@ export interface ClientEvent<D = Record<string, any>> {
     | "client.recovery_failed"
     | "client.subscription_error"
     | "client.closed"
-    | "client.state";
+    | "client.state"
+    | "client.device";
   data: D;
 }
 
@@ -310,9 +312,13 @@ export interface ClientOptions {
   probeHandshake?: boolean;
   /** Use the browser's online/offline events (reconnect at once when back online). */
   watchNetwork?: boolean;
+  /** Make this connection a device: `device.hello` after every (re)connect (§13). */
+  device?: DeviceConfig | null;
+  /** While playing, `reportPlayback` repeats the report this often (seconds, default 10). */
+  playbackInterval?: number;
 }
 
-export declare const DEFAULT_OPTIONS: Readonly<Required<Omit<ClientOptions, "token" | "tokenProvider" | "onRecoveryFailed" | "WebSocket" | "fetch" | "random" | "timers" | "logger">>>;
+export declare const DEFAULT_OPTIONS: Readonly<Required<Omit<ClientOptions, "token" | "tokenProvider" | "onRecoveryFailed" | "WebSocket" | "fetch" | "random" | "timers" | "logger" | "device">>>;
 
 export interface ClientStats {
   connects: number;
@@ -392,9 +398,182 @@ export declare class RevengeClient {
     handler: (ev: ClientEvent<{ channel: string; epoch: string; seq: number; reason: string; latest?: Message }>) => unknown,
   ): () => void;
   on(key: "notification", handler: (msg: Message<Notification>) => unknown): () => void;
+  on(key: "client.device", handler: (ev: ClientEvent<DeviceEvent>) => unknown): () => void;
+  on(key: "device.updated", handler: (msg: Message<{ device: Device }>) => unknown): () => void;
+  on(key: "device.removed", handler: (msg: Message<{ device_id: string }>) => unknown): () => void;
+  on(key: "sessions.updated", handler: (msg: Message<SessionsUpdated>) => unknown): () => void;
   on(key: string, handler: (msg: Message | ClientEvent) => unknown): () => void;
   off(key: string, handler: (msg: any) => unknown): void;
   once(key: string, handler: (msg: any) => unknown): () => void;
+
+  // -- devices (§13)
+  /** The hub's device object from the last acknowledged `device.hello`. */
+  device: Device | null;
+  /** The `device.hello` data this client sends, or null. */
+  readonly deviceConfig: DeviceHello | null;
+  /** Hello acknowledged on the current connection and not taken over since. */
+  readonly deviceActive: boolean;
+  /** Become a device (hello now when connected, and after every reconnect); null: stop at the next connect. */
+  setDevice(config: DeviceConfig | null): Promise<Device | null>;
+  /**
+   * `playback.update`; repeated every `playbackInterval` s while playing (position
+   * extrapolated) and after a reconnect. true: acknowledged; false: kept for later.
+   */
+  reportPlayback(report: PlaybackReport): Promise<boolean>;
+  /** The last report, position extrapolated to now while playing; null when nothing plays. */
+  currentPlayback(): PlaybackUpdate | null;
+  /** Answer `remote.command`: the handler's object is the result's `state`, a throw is `ok: false`. */
+  onCommand(handler: (cmd: RemoteCommand) => unknown): () => void;
+  /** Rejects with RequestError: REJECTED, TIMEOUT, NOT_FOUND, FORBIDDEN, UNAVAILABLE, RATE_LIMITED, INVALID_MESSAGE. */
+  sendCommand(
+    deviceId: string,
+    command: RemoteCommandName | string,
+    args?: Record<string, any> | null,
+    opts?: { userId?: string; timeoutMs?: number; timeout?: number },
+  ): Promise<CommandResult>;
+  listDevices(opts?: { userId?: string; all?: boolean; timeout?: number }): Promise<Device[]>;
+}
+
+// ---------------------------------------------------------------- devices
+
+export type RemoteCommandName =
+  | "play"
+  | "pause"
+  | "unpause"
+  | "toggle_pause"
+  | "stop"
+  | "seek"
+  | "next"
+  | "previous"
+  | "set_volume"
+  | "mute"
+  | "unmute"
+  | "display_message";
+/** The commands the hub validates; `x-…` names are a device's own. */
+export declare const REMOTE_COMMANDS: readonly RemoteCommandName[];
+
+export interface DeviceConfig {
+  /** Stable per install (1-128 chars); default: a random id (not kept). */
+  deviceId?: string;
+  /** Shown to the user (1-100 chars). Default "Web browser". */
+  name?: string;
+  /** The app's name. Default "revenge-ws.js". */
+  client?: string;
+  version?: string;
+  /** Commands this device obeys (`capabilities.commands`). */
+  commands?: (RemoteCommandName | string)[];
+  /** Default: true when `commands` is not empty. */
+  remoteControl?: boolean;
+}
+
+export interface DeviceHello {
+  device_id: string;
+  name: string;
+  client: string;
+  version: string;
+  capabilities: { remote_control: boolean; commands: string[] };
+}
+
+export type PlaybackState = "playing" | "paused" | "buffering" | "stopped";
+
+/** `playback.update` data (wire names). */
+export interface PlaybackUpdate {
+  item_id: string;
+  item_type?: string;
+  title?: string;
+  state: PlaybackState;
+  /** Seconds. */
+  position: number;
+  duration?: number;
+  rate?: number;
+  volume?: number;
+  muted?: boolean;
+  play_method?: "direct" | "transcode";
+  transcode_job_id?: string;
+  room_id?: string;
+}
+
+/** A report: wire names, or camelCase aliases for the multi-word ones. */
+export type PlaybackReport = Partial<PlaybackUpdate> & {
+  state: PlaybackState;
+  position: number;
+  itemId?: string;
+  itemType?: string;
+  playMethod?: "direct" | "transcode";
+  transcodeJobId?: string;
+  roomId?: string;
+};
+
+export interface NowPlaying extends PlaybackUpdate {
+  /** Server ms of the report. */
+  updated_at: number;
+}
+
+export interface Device {
+  device_id: string;
+  user_id: string;
+  name: string;
+  client: string;
+  version: string;
+  capabilities: { remote_control: boolean; commands: string[] };
+  connected_at: number;
+  updated_at: number;
+  now_playing: NowPlaying | null;
+}
+
+export interface SessionsUpdated {
+  devices: Device[];
+  removed: { user_id: string; device_id: string }[];
+}
+
+export interface RemoteCommand {
+  command: RemoteCommandName | string;
+  args: Record<string, any>;
+  from: { user_id: string; device_id: string | null } | null;
+  commandId: string;
+  /** The `remote.command` message. */
+  message: Message;
+}
+
+export interface CommandResult {
+  ok: boolean;
+  state?: Record<string, any>;
+  command_id: string | null;
+}
+
+/** `client.device`: the hub took the hello (`active`), or the device ended or was refused. */
+export interface DeviceEvent {
+  active: boolean;
+  device: Device | null;
+  /** Why it ended (`device.ended`): "replaced" when another connection took it over. */
+  reason?: string | null;
+  /** Why the hello failed. */
+  error?: { code: string | number | null; message: string };
+}
+
+export declare function deviceHello(config: DeviceConfig): DeviceHello;
+export declare function playbackData(report: PlaybackReport): PlaybackUpdate;
+/** A `now_playing`'s position (s) at server time `serverNow` (ms), extrapolated while playing. */
+export declare function nowPlayingPosition(np: NowPlaying | null | undefined, serverNow: number): number;
+
+/** Devices kept live from `devices.list` and the updates (`all`: the `sessions` channel, admins). Event: `change`. */
+export declare class DeviceList {
+  constructor(client: RevengeClient, opts?: { all?: boolean; userId?: string });
+  readonly client: RevengeClient;
+  readonly all: boolean;
+  readonly devices: Map<string, Device>;
+  readonly loaded: boolean;
+  readonly error: unknown;
+  readonly size: number;
+  start(): Promise<void>;
+  stop(): void;
+  reload(): Promise<void>;
+  /** By user, then name. */
+  list(): Device[];
+  get(deviceId: string, userId?: string): Device | null;
+  on(key: "change", handler: (devices: Device[]) => unknown): () => void;
+  on(key: "error", handler: (err: unknown) => unknown): () => void;
+  off(key: string, handler: (arg: any) => unknown): void;
 }
 
 // ---------------------------------------------------------------- SyncPlay
