@@ -93,6 +93,39 @@ async def main(out: Path) -> None:
             ".length === 2",
             timeout=15_000,
         )
+        # My devices / Now playing: alice's TV (a bare connection) plays an episode.
+        tv = await connect_as(hub, "alice", "Alice")
+        for msg in (
+            {
+                "type": "device.hello",
+                "id": "h",
+                "data": {
+                    "device_id": "living-room-tv",
+                    "name": "Living room TV",
+                    "client": "Revenge TV",
+                    "version": "2.4.1",
+                    "capabilities": {
+                        "remote_control": True,
+                        "commands": ["pause", "unpause", "seek", "set_volume"],
+                    },
+                },
+            },
+            {
+                "type": "playback.update",
+                "id": "p",
+                "data": {
+                    "item_id": "ep-204",
+                    "item_type": "episode",
+                    "title": "The Heist · S02E04",
+                    "state": "playing",
+                    "position": 1312.5,
+                    "duration": 2710,
+                    "play_method": "transcode",
+                    "transcode_job_id": "ep-204",
+                },
+            },
+        ):
+            await tv.send_json(msg)  # type: ignore[attr-defined]
         # Who's online: two more users come online, one of them leaves again.
         await connect_as(hub, "carol", "Carol")
         dave = await connect_as(hub, "dave", "Dave")
