@@ -17,6 +17,7 @@ from revenge_ws.exceptions import ConfigError, RequestError, StoreError, StoreUn
 from revenge_ws.store import Notification, NotificationStore, open_store, redact_url, sqlite_path
 from revenge_ws.store.base import (
     DEFAULT_DEDUPE_WINDOW_MS,
+    OutboxEvent,
     ms_to_rfc3339,
     new_id,
     parse_rfc3339,
@@ -518,6 +519,105 @@ async def test_cleanup_then_create_with_an_expired_key(store: NotificationStore)
     assert again.id != first.id
 
 
+# -- the outbox ----------------------------------------------------------------------------
+
+
+def event(n: int, topic: str = "playback", at: int = T0) -> OutboxEvent:
+    return OutboxEvent(f"e{n:04d}", topic, at + n, f'{{"n": {n}}}')
+
+
+async def test_outbox_claims_oldest_first_and_deletes_delivered(store: NotificationStore) -> None:
+    assert await store.outbox_stats("playback") == (0, None)
+    await store.outbox_add([event(3), event(1), event(2), event(9, topic="other")])
+    assert await store.outbox_stats("playback") == (3, T0 + 1)
+    claimed = await store.outbox_claim("playback", 2, 60_000, now_ms=T0 + 10)
+    assert claimed == [event(1), event(2)]
+    # Held: a second claim gets only what is left.
+    assert await store.outbox_claim("playback", 10, 60_000, now_ms=T0 + 11) == [event(3)]
+    assert await store.outbox_claim("playback", 10, 60_000, now_ms=T0 + 12) == []
+    assert await store.outbox_delete(["e0001", "e0002", "nope"]) == 2
+    assert await store.outbox_delete(["e0001"]) == 0
+    assert await store.outbox_delete([]) == 0
+    # Held events still count: they are not delivered yet.
+    assert await store.outbox_stats("playback") == (1, T0 + 3)
+    assert await store.outbox_stats("other") == (1, T0 + 9)
+
+
+async def test_outbox_release_and_lease_end_make_events_claimable_again(
+    store: NotificationStore,
+) -> None:
+    await store.outbox_add([event(1), event(2)])
+    assert len(await store.outbox_claim("playback", 10, 1000, now_ms=T0 + 100)) == 2
+    await store.outbox_release(["e0001"])
+    assert await store.outbox_claim("playback", 10, 1000, now_ms=T0 + 101) == [event(1)]
+    # The lease of e0002 (taken at T0 + 100 for 1 s) ends at T0 + 1100.
+    assert await store.outbox_claim("playback", 10, 1000, now_ms=T0 + 1099) == []
+    assert await store.outbox_claim("playback", 10, 1000, now_ms=T0 + 1100) == [event(2)]
+    await store.outbox_release([])  # nothing to do
+
+
+async def test_outbox_add_is_idempotent_and_atomic(store: NotificationStore) -> None:
+    await store.outbox_add([event(1)])
+    changed = OutboxEvent("e0001", "playback", T0 + 500, '{"n": "changed"}')
+    await store.outbox_add([changed, event(2), event(2)])
+    assert await store.outbox_claim("playback", 10, 0, now_ms=T0) == [event(1), event(2)]
+    with pytest.raises(ValueError, match="event_id"):
+        await store.outbox_add([event(3), OutboxEvent("", "playback", T0, "{}")])
+    with pytest.raises(ValueError, match="out of range"):
+        await store.outbox_add([OutboxEvent("x", "playback", -1, "{}")])
+    assert await store.outbox_stats("playback") == (2, T0 + 1)
+    with pytest.raises(ValueError, match="limit"):
+        await store.outbox_claim("playback", 0, 1000)
+    with pytest.raises(ValueError, match="lease_ms"):
+        await store.outbox_claim("playback", 1, -1)
+
+
+async def test_outbox_many_events_in_one_call(store: NotificationStore) -> None:
+    many = [event(n) for n in range(1200)]  # more than one statement's bound parameters
+    await store.outbox_add(many)
+    claimed = await store.outbox_claim("playback", 1200, 60_000, now_ms=T0 + 2000)
+    assert claimed == many
+    await store.outbox_release([e.event_id for e in many])
+    assert await store.outbox_delete([e.event_id for e in many[:1100]]) == 1100
+    assert await store.outbox_claim("playback", 500, 60_000, now_ms=T0 + 2000) == many[1100:]
+
+
+async def test_outbox_survives_close_and_reopen(backend: Backend) -> None:
+    first = await backend.open()
+    await first.outbox_add([event(1), event(2)])
+    await first.outbox_claim("playback", 1, 1000, now_ms=T0)
+    await first.close()
+    second = await backend.open()
+    assert await second.outbox_stats("playback") == (2, T0 + 1)
+    # The claim of the closed store holds until its lease ends.
+    assert await second.outbox_claim("playback", 10, 1000, now_ms=T0 + 1) == [event(2)]
+    assert await second.outbox_claim("playback", 10, 1000, now_ms=T0 + 1000) == [event(1)]
+
+
+async def test_concurrent_claims_never_share_an_event(backend: Backend) -> None:
+    """Two stores on one database (two hub nodes) claiming at once split the events."""
+    a, b = await backend.open(), await backend.open()
+    await a.outbox_add([event(n) for n in range(200)])
+    claims = await asyncio.gather(
+        *(s.outbox_claim("playback", 7, 60_000, now_ms=T0 + 500) for s in [a, b] * 20)
+    )
+    ids = [e.event_id for claim in claims for e in claim]
+    assert len(ids) == len(set(ids)) == 200
+
+
+async def test_an_older_schema_gains_the_outbox(backend: Backend) -> None:
+    s = await backend.open()
+    await one(s)
+    await s.close()
+    # As a version-1 database (before the outbox) looks.
+    await backend.execute("DROP TABLE {s}outbox")
+    await backend.execute("UPDATE {s}schema_version SET version = 1")
+    s = await backend.open()
+    assert len(await s.pending("alice")) == 1
+    await s.outbox_add([event(1)])
+    assert await s.outbox_stats("playback") == (1, T0 + 1)
+
+
 # -- durability, concurrency, lifecycle ----------------------------------------------------
 
 
@@ -719,9 +819,9 @@ async def test_sqlite_uses_wal_and_full_sync(tmp_path: Path) -> None:
         await s.close()
     with sqlite3.connect(tmp_path / "deep" / "dir" / "n.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-        assert {"notifications_pending", "notifications_dedupe"} <= indexes
+        assert {"notifications_pending", "notifications_dedupe", "outbox_oldest"} <= indexes
     conn.close()
 
 

@@ -22,8 +22,9 @@ from . import __version__
 from .broker import Broker, open_broker
 from .config import Settings
 from .core.node import Node
-from .features import library, notifications, syncplay, transcode
+from .features import devices, library, notifications, syncplay, transcode
 from .features.activity import install as install_activity
+from .features.playback_events import install as install_playback_events
 from .features.web import NODE
 from .server.admission import EXACT_PATH, KEYED_PATHS
 from .server.direct import Engine
@@ -94,14 +95,16 @@ def build_app(settings: Settings, *, broker: Broker | None = None) -> web.Applic
     app[STORE] = store
     app[PROBES]["store"] = store.ping
     notes = notifications.install(node, app, store)
+    playback = install_playback_events(node, app, store, registry=observer.registry)
     transcode.install(node, app)
     library.install(node, app)
     install_activity(node)
     rooms = open_room_store(settings, node)
     party = syncplay.install(node, app, rooms)
+    gadgets = devices.install(node, app, playback, registry=observer.registry)
     # Each feature declares its routes' OpenAPI paths and the bodies they name.
     paths: dict[str, Any] = {}
-    for feature in (notifications, transcode, library):
+    for feature in (notifications, transcode, library, devices):
         models.update(feature.OPENAPI_MODELS)
         paths.update(feature.openapi_paths())
     paths.update(syncplay.openapi_paths())
@@ -126,11 +129,14 @@ def build_app(settings: Settings, *, broker: Broker | None = None) -> web.Applic
     async def on_startup(app: web.Application) -> None:
         await store.start()
         await node.start()
+        if playback is not None:
+            await playback.start(node)
         node.spawn(
             notes.cleanup_forever(settings.notifications.cleanup_interval),
             name="notification-retention",
         )
         node.spawn(party.tick_forever(), name="syncplay-timeouts")
+        devices.start(node, gadgets)
 
     async def on_shutdown(app: web.Application) -> None:
         await node.stop()

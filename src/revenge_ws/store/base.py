@@ -32,6 +32,7 @@ __all__ = [
     "PRIORITIES",
     "Notification",
     "NotificationStore",
+    "OutboxEvent",
     "PageQuery",
     "dedupe_scope",
     "for_users",
@@ -131,6 +132,21 @@ class Notification:
             "created_at": ms_to_rfc3339(self.created_at),
             "read": self.read,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """One event waiting in the outbox for delivery to another system.
+
+    ``payload`` is opaque to the store (the caller's encoding, JSON for playback events);
+    ``topic`` names the consumer (``playback``), so one table serves several senders.
+    """
+
+    event_id: str
+    topic: str
+    #: Milliseconds since the Unix epoch; the outbox is read oldest first.
+    created_at: int
+    payload: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +397,73 @@ class NotificationStore(ABC):
         """
         ...
 
+    # -- the outbox: events for another system, kept until it confirms them --------------
+    #
+    # At-least-once delivery across restarts: a sender adds events (committed before the
+    # call returns), claims the oldest for a while (a lease, so that several hub nodes
+    # sharing one database do not send the same events at once, and a node that died
+    # holding a claim delays them only until the lease ends), and deletes them once the
+    # other system confirmed them, or releases them after a failure.
+
+    async def outbox_add(self, events: Sequence[OutboxEvent]) -> None:
+        """Store these events, all in one transaction, committed when the call returns.
+
+        An ``event_id`` already in the outbox is left as it is (adding is idempotent).
+        """
+        checked = validate_outbox_events(events)
+        if checked:
+            await self._outbox_add(checked)
+
+    @abstractmethod
+    async def _outbox_add(self, events: list[OutboxEvent]) -> None:
+        """:meth:`outbox_add` with checked events."""
+        ...
+
+    async def outbox_claim(
+        self, topic: str, limit: int, lease_ms: int, *, now_ms: float | None = None
+    ) -> list[OutboxEvent]:
+        """The oldest events of ``topic`` nobody holds, at most ``limit``, ordered by
+        ``(created_at, event_id)``; each is held for ``lease_ms`` from ``now_ms``.
+
+        An event is held by one claim at a time, even when callers on several nodes claim
+        at once; once its lease ends (the holder died, or forgot) the next claim gets it
+        again. Release or delete what a claim answered.
+        """
+        if lease_ms < 0:
+            raise ValueError(f"lease_ms must not be negative, not {lease_ms!r}")
+        return await self._outbox_claim(topic, validate_limit(limit), stamp(now_ms), lease_ms)
+
+    @abstractmethod
+    async def _outbox_claim(
+        self, topic: str, limit: int, now: int, lease_ms: int
+    ) -> list[OutboxEvent]:
+        """:meth:`outbox_claim` with checked arguments, atomically."""
+        ...
+
+    async def outbox_release(self, event_ids: Sequence[str]) -> None:
+        """End the lease of these events: the next claim (of any node) may take them."""
+        ids = validate_ids(event_ids)
+        if ids:
+            await self._outbox_release(ids)
+
+    @abstractmethod
+    async def _outbox_release(self, ids: list[str]) -> None: ...
+
+    async def outbox_delete(self, event_ids: Sequence[str]) -> int:
+        """Delete these events (delivered); answer how many were there. Unknown ids are
+        ignored."""
+        ids = validate_ids(event_ids)
+        return await self._outbox_delete(ids) if ids else 0
+
+    @abstractmethod
+    async def _outbox_delete(self, ids: list[str]) -> int: ...
+
+    @abstractmethod
+    async def outbox_stats(self, topic: str) -> tuple[int, int | None]:
+        """``(events, oldest created_at)`` of ``topic``, held or not; ``(0, None)`` when
+        there are none."""
+        ...
+
 
 def stamp(now: float | None) -> int:
     """A store time: integer milliseconds of ``now``, or of the wall clock when None."""
@@ -501,6 +584,21 @@ def validate_users(user_ids: Sequence[str]) -> list[list[str]]:
     """Unique user ids in chunks of at most :data:`PENDING_BATCH`."""
     users = validate_ids(user_ids)
     return [users[i : i + PENDING_BATCH] for i in range(0, len(users), PENDING_BATCH)]
+
+
+def validate_outbox_events(events: Sequence[OutboxEvent]) -> list[OutboxEvent]:
+    """The events with their first occurrence of each ``event_id``; ValueError for an empty
+    id, topic or a time out of range."""
+    unique: dict[str, OutboxEvent] = {}
+    for event in events:
+        if not isinstance(event, OutboxEvent):
+            raise TypeError(f"not an OutboxEvent: {event!r}")
+        if not event.event_id or not event.topic:
+            raise ValueError(f"an outbox event needs an event_id and a topic: {event!r}")
+        if not 0 <= event.created_at <= _MAX_ID_MS:
+            raise ValueError(f"created_at out of range: {event.created_at!r}")
+        unique.setdefault(event.event_id, event)
+    return list(unique.values())
 
 
 def validate_limit(limit: int, maximum: int | None = None) -> int:

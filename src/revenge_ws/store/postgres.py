@@ -27,7 +27,7 @@ from typing import Any, Final
 
 from ..exceptions import ConfigError, StoreError, StoreUnavailable
 from . import base
-from .base import COLUMNS, Notification, NotificationStore, PageQuery
+from .base import COLUMNS, Notification, NotificationStore, OutboxEvent, PageQuery
 
 __all__ = ["SCHEMA_VERSION", "PostgresNotificationStore"]
 
@@ -81,6 +81,19 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (user_id, notification_type)
         )
         """,
+    ),
+    (
+        # 2: the outbox of events for the backend (playback events, contract §13).
+        """
+        CREATE TABLE {s}.outbox (
+            event_id text PRIMARY KEY,
+            topic text NOT NULL,
+            created_at bigint NOT NULL,
+            lease_until bigint NOT NULL DEFAULT 0,
+            payload text NOT NULL
+        )
+        """,
+        "CREATE INDEX outbox_oldest ON {s}.outbox (topic, created_at, event_id)",
     ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -486,6 +499,71 @@ class PostgresNotificationStore(NotificationStore):
                 ms - self.dedupe_window_ms,
             )
         return deleted
+
+    # -- the outbox ------------------------------------------------------------------------
+
+    async def _outbox_add(self, events: list[OutboxEvent]) -> None:
+        async with self._connection("adding outbox events") as conn:
+            await conn.execute(
+                self._sql(
+                    "INSERT INTO {s}.outbox (event_id, topic, created_at, payload)"
+                    " SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[])"
+                    " ON CONFLICT (event_id) DO NOTHING"
+                ),
+                [e.event_id for e in events],
+                [e.topic for e in events],
+                [e.created_at for e in events],
+                [e.payload for e in events],
+            )
+
+    async def _outbox_claim(
+        self, topic: str, limit: int, now: int, lease_ms: int
+    ) -> list[OutboxEvent]:
+        # SKIP LOCKED: two nodes claiming at once take different rows instead of waiting
+        # for each other; the lease check is repeated on the locked row's latest version.
+        async with self._connection("claiming outbox events") as conn:
+            rows = await conn.fetch(
+                self._sql(
+                    "UPDATE {s}.outbox AS o SET lease_until = $3::bigint + $4::bigint"
+                    " FROM (SELECT event_id FROM {s}.outbox"
+                    " WHERE topic = $1 AND lease_until <= $3::bigint"
+                    " ORDER BY created_at, event_id LIMIT $2 FOR UPDATE SKIP LOCKED) AS c"
+                    " WHERE o.event_id = c.event_id"
+                    " RETURNING o.event_id, o.topic, o.created_at, o.payload"
+                ),
+                topic,
+                limit,
+                now,
+                lease_ms,
+            )
+        events = [OutboxEvent(r[0], r[1], r[2], r[3]) for r in rows]
+        events.sort(key=lambda e: (e.created_at, e.event_id))
+        return events
+
+    async def _outbox_release(self, ids: list[str]) -> None:
+        async with self._connection("releasing outbox events") as conn:
+            await conn.execute(
+                self._sql(
+                    "UPDATE {s}.outbox SET lease_until = 0"
+                    " WHERE event_id = ANY($1::text[]) AND lease_until <> 0"
+                ),
+                ids,
+            )
+
+    async def _outbox_delete(self, ids: list[str]) -> int:
+        async with self._connection("deleting outbox events") as conn:
+            status = await conn.execute(
+                self._sql("DELETE FROM {s}.outbox WHERE event_id = ANY($1::text[])"), ids
+            )
+        return _count(status)
+
+    async def outbox_stats(self, topic: str) -> tuple[int, int | None]:
+        async with self._connection("counting outbox events") as conn:
+            row = await conn.fetchrow(
+                self._sql("SELECT count(*), min(created_at) FROM {s}.outbox WHERE topic = $1"),
+                topic,
+            )
+        return int(row[0]), None if row[1] is None else int(row[1])
 
     # -- reads -----------------------------------------------------------------------------
 

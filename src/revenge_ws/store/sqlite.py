@@ -33,7 +33,7 @@ import aiosqlite
 
 from ..exceptions import StoreError, StoreUnavailable
 from . import base
-from .base import COLUMNS, Notification, NotificationStore, PageQuery
+from .base import COLUMNS, Notification, NotificationStore, OutboxEvent, PageQuery
 
 __all__ = ["SCHEMA_VERSION", "SQLiteNotificationStore"]
 
@@ -78,6 +78,19 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (user_id, notification_type)
         ) WITHOUT ROWID
         """,
+    ),
+    (
+        # 2: the outbox of events for the backend (playback events, contract §13).
+        """
+        CREATE TABLE outbox (
+            event_id TEXT PRIMARY KEY,
+            topic TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            lease_until INTEGER NOT NULL DEFAULT 0,
+            payload TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX outbox_oldest ON outbox (topic, created_at, event_id)",
     ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -393,6 +406,67 @@ class SQLiteNotificationStore(NotificationStore):
                 (critical,),
             )
             return int(a.rowcount) + int(b.rowcount)
+
+    # -- the outbox ------------------------------------------------------------------------
+
+    async def _outbox_add(self, events: list[OutboxEvent]) -> None:
+        async with self._transaction(write=True) as db:
+            await db.executemany(
+                "INSERT OR IGNORE INTO outbox (event_id, topic, created_at, payload)"
+                " VALUES (?, ?, ?, ?)",
+                [(e.event_id, e.topic, e.created_at, e.payload) for e in events],
+            )
+
+    async def _outbox_claim(
+        self, topic: str, limit: int, now: int, lease_ms: int
+    ) -> list[OutboxEvent]:
+        # BEGIN IMMEDIATE holds the write lock from the read to the update: another
+        # process using the same file cannot claim the same rows in between.
+        async with self._transaction(write=True) as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT event_id, topic, created_at, payload FROM outbox"
+                    " WHERE topic = ? AND lease_until <= ?"
+                    " ORDER BY created_at, event_id LIMIT ?",
+                    (topic, now, limit),
+                )
+            )
+            for chunk in _chunks([r[0] for r in rows]):
+                await db.execute(
+                    f"UPDATE outbox SET lease_until = ?"  # noqa: S608 (placeholders only)
+                    f" WHERE event_id IN ({_marks(len(chunk))})",
+                    (now + lease_ms, *chunk),
+                )
+        return [OutboxEvent(r[0], r[1], r[2], r[3]) for r in rows]
+
+    async def _outbox_release(self, ids: list[str]) -> None:
+        async with self._transaction(write=True) as db:
+            for chunk in _chunks(ids):
+                await db.execute(
+                    "UPDATE outbox SET lease_until = 0"  # noqa: S608 (placeholders only)
+                    f" WHERE event_id IN ({_marks(len(chunk))})",
+                    tuple(chunk),
+                )
+
+    async def _outbox_delete(self, ids: list[str]) -> int:
+        deleted = 0
+        async with self._transaction(write=True) as db:
+            for chunk in _chunks(ids):
+                cur = await db.execute(
+                    f"DELETE FROM outbox WHERE event_id IN ({_marks(len(chunk))})",  # noqa: S608
+                    tuple(chunk),
+                )
+                deleted += int(cur.rowcount)
+        return deleted
+
+    async def outbox_stats(self, topic: str) -> tuple[int, int | None]:
+        async with self._read() as db:
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT count(*), min(created_at) FROM outbox WHERE topic = ?", (topic,)
+                )
+            )
+        return int(rows[0][0]), rows[0][1]
 
     # -- reads -----------------------------------------------------------------------------
 
