@@ -17,6 +17,8 @@ Modes:
 - ``idle``: open N connections (memory per idle connection, handshakes/s).
 - ``storm``: users that reconnect after a node restart or loss like real apps and check
   what they receive (``bench/storm_clients.py``).
+- ``devices``: remote-controllable devices, their controllers, or devices reporting
+  ``playback.update`` (``bench/devices_clients.py``).
 """
 
 from __future__ import annotations
@@ -605,6 +607,10 @@ async def main_async(cfg: dict[str, Any]) -> None:
         from .storm_clients import run as storm
 
         await asyncio.wait_for(storm(cfg), budget)
+    elif mode == "devices":
+        from .devices_clients import run as devices
+
+        await asyncio.wait_for(devices(cfg), budget)
     else:
         raise ValueError(f"unknown mode {mode}")
 

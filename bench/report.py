@@ -643,6 +643,11 @@ def render(results: dict[str, Any], png_name: str | None, storm_png_name: str | 
         L.extend(storm_section(storm, storm_png_name))
         a("")
 
+    devices = results.get("devices")
+    if devices and (devices.get("remote") or devices.get("playback")):
+        L.extend(devices_section(devices))
+        a("")
+
     a("## Method")
     a("")
     a(
@@ -1083,9 +1088,15 @@ def write_storm_section(storm: dict[str, Any], md: Path, png: Path | None) -> No
         plot_storm(storm, png)
         png_name = _rel(png, md)
     section = "\n".join(storm_section(storm, png_name)).rstrip("\n") + "\n\n"
+    splice_section(md, STORM_HEADING, section)
+
+
+def splice_section(md: Path, heading: str, section: str) -> None:
+    """Replace the section of ``md`` that starts with ``heading`` (up to the next ``## ``
+    heading) with ``section``; without one it goes before ``## Method`` (or at the end)."""
     old = md.read_text(encoding="utf-8") if md.exists() else ""
     text = "\n" + old  # every heading, the first one too, follows a newline
-    at = text.find("\n" + STORM_HEADING)
+    at = text.find("\n" + heading)
     if at >= 0:
         end = text.find("\n## ", at + 1)
         text = text[: at + 1] + section + (text[end + 1 :] if end >= 0 else "")
@@ -1097,3 +1108,305 @@ def write_storm_section(storm: dict[str, Any], md: Path, png: Path | None) -> No
             text = text.rstrip("\n") + ("\n\n" if old else "\n") + section
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(text[1:], encoding="utf-8")
+
+
+# -- devices and remote control (issue #16) ------------------------------------------------
+DEVICES_HEADING = "## Devices and remote control"
+
+
+def write_devices_section(dev: dict[str, Any], md: Path) -> None:
+    """Replace only the devices section of ``md`` (before ``## Method`` when new)."""
+    section = "\n".join(devices_section(dev)).rstrip("\n") + "\n\n"
+    splice_section(md, DEVICES_HEADING, section)
+
+
+def _met(ok: bool | None) -> str:
+    return "–" if ok is None else ("met" if ok else "**NOT met**")
+
+
+def _lat(d: dict[str, Any]) -> str:
+    return f"{d.get('p50_ms', 0):.2f} / {d.get('p99_ms', 0):.2f} / {d.get('max_ms', 0):.1f}"
+
+
+def devices_section(dev: dict[str, Any]) -> list[str]:
+    """The devices section of docs/benchmarks.md (also spliced alone by a devices-only
+    run)."""
+    goals_ = dev.get("goals") or {}
+    remote: dict[str, Any] = dev.get("remote") or {}
+    playback: dict[str, Any] = dev.get("playback") or {}
+    L: list[str] = []
+    a = L.append
+    a(DEVICES_HEADING)
+    a("")
+    a(
+        "Issue #16, part 8 (`bench/devices.py`, `bench/devices_clients.py`; contract v1.1 "
+        "§13). Hubs (and Redis) pinned to the servers' core, every client process and the "
+        "backend receiver to the load core; hub settings are the defaults except where "
+        "named. Hub CPU is the hub process' user + system time (`/proc/PID/stat`) over the "
+        "measurement window."
+    )
+    a("")
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for part in (remote, playback):
+        for key, r in part.items():
+            runs.setdefault((r.get("command", "?"), r.get("commit", "?")), []).append(
+                {"key": key, **r}
+            )
+    for (cmd, commit), rs in runs.items():
+        loads = [x for r in rs for x in (r.get("loadavg_start"), r.get("loadavg_end")) if x]
+        top = max((x[0] for x in loads), default=0.0)
+        keys = ", ".join(f"`{r['key']}`" for r in rs)
+        a(
+            f"- `{cmd}` (commit `{commit}`, from {rs[0].get('started', '?')}; scenarios "
+            f"{keys}; 1-min load average up to {top:g})"
+        )
+    a("")
+    rows: list[list[str]] = []
+    for key, label, goal in (
+        ("same", "remote command p99, same node", goals_.get("same_p99_ms")),
+        ("cross", "remote command p99, across nodes (Redis)", goals_.get("cross_p99_ms")),
+    ):
+        r = remote.get(key)
+        if r is None or goal is None:
+            continue
+        lat = r["latency"]
+        ok = lat["p99_ms"] <= goal and not r["errors"] and not r["unanswered"]
+        text = f"{lat['p99_ms']:.2f} ms (p50 {lat['p50_ms']:.2f} ms) at {r['rate']:,.0f}/s"
+        others = sorted(
+            (x for k, x in remote.items() if k.startswith(key + "@")), key=lambda x: -x["rate"]
+        )
+        if others:
+            text += "; at " + ", ".join(
+                f"{x['rate']:,.0f}/s: {x['latency']['p99_ms']:.2f} ms" for x in others
+            )
+        rows.append([label, f"≤ {goal:g} ms", text, _met(ok)])
+    goal_us = goals_.get("us_per_update")
+    for key, label in (("playback", "no backend"), ("backend", "backend receiver")):
+        r = playback.get(key)
+        if r is None or goal_us is None:
+            continue
+        rows.append(
+            [
+                f"hub CPU per `playback.update` ({label})",
+                f"≤ {goal_us:g} µs",
+                f"{r['hub_us_per_update']} µs ({r['hub_us_per_update_net']} µs net of idle)",
+                _met(r["hub_us_per_update"] <= goal_us),
+            ]
+        )
+    if rows:
+        a("Goals of the issue — reported, not asserted:")
+        a("")
+        a(_table(["metric", "goal", "measured", ""], rows))
+        a("")
+    if remote:
+        any_r = next(iter(remote.values()))
+        a(
+            f"### Remote command round trip: {any_r['devices']} devices × "
+            f"{any_r['rate_per_device']:g} commands/s"
+        )
+        a("")
+        a(
+            f"{any_r['devices']} devices (one per user, one load process) say `device.hello` "
+            "with every command of §13 in their capabilities and answer each "
+            "`remote.command` at once with `remote.result` `ok`; a second load process holds "
+            "one controller connection per user and sends `remote.command` "
+            f"(`pause`, `seek`, `unpause`, `set_volume`, `toggle_pause`, `next` in turn) at "
+            f"{any_r['rate']:,.0f}/s in total, open-loop, evenly spread (a 1 ms tick), for "
+            f"{any_r['window_s']:g} s after {any_r['warmup_s']:g} s of warm-up. Latency: from "
+            "just before the request is written to the socket until its reply (the `ack` "
+            "with the device's result) is read, commands sent in the window only; *from "
+            "schedule* adds the controller's own send lag (a client that falls behind shows "
+            "there). *Across nodes*: devices on node A, controllers on node B, a private "
+            "`redis-server` as broker (the command and the result travel as control "
+            "messages); both hubs and Redis share the servers' core."
+        )
+        a("")
+        hdr = [
+            "scenario", "commands", "ok", "errors / unanswered", "p50 / p99 / max ms",
+            "from schedule p50 / p99 / max ms", "hub CPU µs / command (kernel)", "hub CPU %",
+            "Redis CPU %", "controllers / devices CPU %", "other load on server core",
+        ]  # fmt: skip
+        body = []
+        for key, r in sorted(remote.items(), key=lambda kv: (kv[0][0] != "s", -kv[1]["rate"])):
+            label = "same node" if key.startswith("same") else "across nodes (Redis)"
+            label += f", {r['rate']:,.0f}/s"
+            errs = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0"
+            body.append(
+                [
+                    label,
+                    f"{r['sent']:,}",
+                    f"{r['ok']:,}",
+                    f"{errs} / {r['unanswered']}",
+                    _lat(r["latency"]),
+                    _lat(r["latency_from_schedule"]),
+                    f"{r['hub_us_per_command']:,.1f} ({r.get('hub_sys_us_per_command', 0):,.1f})",
+                    " + ".join(f"{x:g}" for x in r["hub_cpu_pct"]),
+                    "–" if r.get("redis_cpu_pct") is None else f"{r['redis_cpu_pct']:g}",
+                    f"{r['controllers_cpu_pct']:g} / {r['devices_cpu_pct']:g}",
+                    f"{r['server_core_other_pct']:g} %",
+                ]
+            )
+        a(_table(hdr, body))
+        a("")
+        notes = []
+        same = remote.get("same")
+        for key, r in remote.items():
+            busy = sum(r["hub_cpu_pct"]) + (r.get("redis_cpu_pct") or 0)
+            if busy >= 90:
+                notes.append(
+                    f"`{key}`: the servers' core was saturated (hubs + Redis {busy:.0f} % of "
+                    "it): commands queued, which is the latency shown."
+                )
+        cross = [r for k, r in remote.items() if k.startswith("cross")]
+        if same and cross:
+            low = min(cross, key=lambda r: r["rate"])
+            times = low["hub_us_per_command"] / same["hub_us_per_command"]
+            notes.append(
+                f"CPU per command: {same['hub_us_per_command']:,.0f} µs on one node; across "
+                f"nodes {low['hub_us_per_command']:,.0f} µs for both hubs together at "
+                f"{low['rate']:,.0f}/s ({times:.1f}×: the asking node reads the device's "
+                "record from Redis and publishes the command, the device's node publishes "
+                "the result; both include their share of the idle cost, ~3–4 % each)."
+            )
+        for n_ in notes:
+            a(f"- {n_}")
+        if notes:
+            a("")
+    if playback:
+        any_p = next(iter(playback.values()))
+        n = any_p["devices"]
+        a(f"### playback.update storm: {n:,} devices reporting every {any_p['period_s']:g} s")
+        a("")
+        a(
+            f"{n:,} devices (one per user, {any_p['client_processes']} load processes) say "
+            f"`device.hello`, then each reports `playback.update` every {any_p['period_s']:g} "
+            f"s, evenly spread ({n / any_p['period_s']:,.0f}/s). Round 0 starts an item (with "
+            "the backend: a durable event, in the outbox before the ack); the next "
+            f"{any_p['rounds']} rounds ({any_p['rounds'] * any_p['period_s']:g} s) of "
+            "progress are measured. Hub CPU per update = the hub's CPU over those rounds ÷ "
+            "the updates; *net of idle* subtracts the CPU the same connections cost before "
+            "the reports began (heartbeats, timers). Every device's own connection receives "
+            "its `device.updated` (on `user:{id}`); one admin connection is subscribed to "
+            "`sessions`. `server.max_connections` is raised to N + 1,000 and the accept "
+            "rate lifted for the set-up. *backend receiver*: `backend.playback_url` points "
+            "at an aiohttp handler in the orchestrator (127.0.0.1, answers 200) counting "
+            "batches, events per batch and each event's delivery lag (receipt − `at`). "
+            "*floor*: the same connections on the same schedule send the cheapest request "
+            "with a reply instead (`unsubscribe` of a channel they do not have: the whole "
+            "request path, a handler that does nothing, an ack) — what any request costs "
+            "this hub on this machine, the ground under the per-update figure."
+        )
+        a("")
+        hdr = [
+            "requests", "per second", "hub CPU µs / request (kernel)", "net of idle", "hub CPU %",
+            "idle hub CPU %", "first update (new item) µs", "ack p50 / p99 / max ms",
+            "first update ack p99 ms", "device.updated received (hellos included)",
+            "sessions.updated /s (devices, KiB each)", "clients CPU %", "hub RSS MiB",
+        ]  # fmt: skip
+        body = []
+        for key, label in (
+            ("playback", "`playback.update`, no backend"),
+            ("backend", "`playback.update`, backend receiver"),
+            ("floor", "floor: `unsubscribe` instead"),
+        ):
+            r = playback.get(key)
+            if r is None:
+                continue
+            body.append(
+                [
+                    label,
+                    f"{r['updates_per_s']:,.0f}",
+                    f"**{r['hub_us_per_update']}** ({r.get('hub_sys_us_per_update', 0)})",
+                    f"{r['hub_us_per_update_net']}",
+                    f"{r['hub_cpu_pct']:g}",
+                    f"{r['idle_cpu_pct']:g}",
+                    f"{r['hub_us_per_first_update']}",
+                    _lat(r["ack_progress"]),
+                    f"{r['ack_first_p99_ms']:.1f}",
+                    f"{r['device_updated']:,}",
+                    f"{r['sessions_updated_per_s']:g} ({r['sessions_updated_devices_per_msg']:g},"
+                    f" {r['sessions_updated_kib_per_msg']:g})",
+                    f"{r['clients_cpu_pct']:g}",
+                    f"{r['hub_rss_mib']:g}",
+                ]
+            )
+        a(_table(hdr, body))
+        a("")
+        fl, pb = playback.get("floor"), playback.get("playback")
+        if fl and pb:
+            extra = pb["hub_us_per_update"] - fl["hub_us_per_update"]
+            a(
+                f"- A `playback.update` costs {extra:,.0f} µs more than the floor request "
+                f"({pb['hub_us_per_update']} vs {fl['hub_us_per_update']} µs): validation, "
+                "the record, and one `device.updated` per update (each device reports every "
+                f"{pb['period_s']:g} s, so the 1 s coalescing merges nothing) with its "
+                "delivery; its ack p99 is "
+                f"{pb['ack_progress']['p99_ms']:.1f} ms against the floor's "
+                f"{fl['ack_progress']['p99_ms']:.1f} ms (most likely the flush tick, which "
+                "publishes every due `device.updated` in one burst). Hub RSS after the run: "
+                f"{pb['hub_rss_mib']:g} MiB against the floor's {fl['hub_rss_mib']:g} MiB with "
+                "the same connections."
+            )
+            a("")
+        b = (playback.get("backend") or {}).get("backend")
+        if b:
+            f = b.get("first_round") or {}
+            a("Backend batches (the receiver):")
+            a("")
+            a(
+                _table(
+                    [
+                        "window",
+                        "batches/s",
+                        "events / batch",
+                        "largest batch",
+                        "KiB / batch",
+                        "delivery lag p50 / p99 / max ms",
+                    ],
+                    [
+                        [
+                            "progress rounds",
+                            f"{b['batches_per_s']:g}",
+                            f"{b['events_per_batch']:g}",
+                            f"{b['largest_batch']:,}",
+                            f"{b['kib_per_batch']:g}",
+                            f"{b['delivery_lag_p50_ms']:g} / {b['delivery_lag_p99_ms']:g} / "
+                            f"{b['delivery_lag_max_ms']:g}",
+                        ],
+                        [
+                            "round 0 (new items, durable)",
+                            f"{f.get('batches_per_s', 0):g}",
+                            f"{f.get('events_per_batch', 0):g}",
+                            f"{f.get('largest_batch', 0):,}",
+                            f"{f.get('kib_per_batch', 0):g}",
+                            f"{f.get('delivery_lag_p50_ms', 0):g} / "
+                            f"{f.get('delivery_lag_p99_ms', 0):g} / "
+                            f"{f.get('delivery_lag_max_ms', 0):g}",
+                        ],
+                    ],
+                )
+            )
+            a("")
+            r = playback["backend"]
+            a(
+                f"Events received in all: {b['events_total']:,} distinct for "
+                f"{r['sent']:,} updates sent, {b['duplicates']} duplicates, "
+                f"{b['bad_auth']} batches without the API key."
+            )
+            a("")
+    problems = []
+    for part in (remote, playback):
+        for key, r in part.items():
+            logs = r.get("hub_log")
+            for lg in logs if isinstance(logs, list) else [logs] if logs else []:
+                if lg.get("levels"):
+                    top = "; ".join(f"{t} ×{c}" for t, c in lg.get("top") or [])
+                    problems.append(f"- `{key}` hub log: {lg['levels']} — {top}")
+            if r.get("errors"):
+                problems.append(f"- `{key}` errors: {r['errors']}")
+    for e in dev.get("errors") or []:
+        problems.append(f"- error: {e}")
+    if problems:
+        L.extend(problems)
+        a("")
+    return L

@@ -11,7 +11,10 @@ to one core and the load generator pinned to the other:
    processes) and handshakes per second;
 3. ``storm``: 10,000 users coming back after a node restart (memory broker, Redis) or
    the loss of one of two nodes behind a balancer, like real apps: resubscribing with
-   ``since``, checking for gaps, acknowledging re-sent notifications (``bench/storm.py``).
+   ``since``, checking for gaps, acknowledging re-sent notifications (``bench/storm.py``);
+4. ``devices``: remote-command round trip (100 devices × 10 commands/s, same node and
+   across two nodes over Redis) and a ``playback.update`` storm (10,000 devices
+   reporting every 10 s, without and with a backend receiver) (``bench/devices.py``).
 
 Results go to ``docs/benchmarks.md`` (+ ``docs/benchmarks.png``) and
 ``bench/results/latest.json``. ``--quick`` is a small run, ``--progress`` shows a live
@@ -80,6 +83,15 @@ class Preset:
     storm_scenarios: tuple[str, ...] = ("a", "b", "c")
     fanout_servers: tuple[str, ...] = KINDS
     memory_servers: tuple[str, ...] = ("hub", "aiohttp-frame", "socketio")
+    devices: int = 100
+    devices_rate: float = 10.0
+    devices_warmup: float = 3.0
+    devices_window: float = 20.0
+    playback_devices: int = 10_000
+    playback_procs: int = 4
+    playback_period: float = 10.0
+    playback_rounds: int = 3
+    playback_idle: float = 5.0
 
 
 PRESETS = {
@@ -95,6 +107,11 @@ PRESETS = {
         storm_clients=1000,
         storm_procs=2,
         storm_timeout=90.0,
+        devices_window=5.0,
+        playback_devices=1000,
+        playback_procs=2,
+        playback_rounds=2,
+        playback_idle=3.0,
     ),
     "smoke": Preset(
         subscribers=20,
@@ -110,6 +127,14 @@ PRESETS = {
         storm_timeout=40.0,
         fanout_servers=("hub", "aiohttp-frame"),
         memory_servers=("hub",),
+        devices=5,
+        devices_warmup=0.5,
+        devices_window=1.5,
+        playback_devices=20,
+        playback_procs=1,
+        playback_period=2.0,
+        playback_rounds=1,
+        playback_idle=0.5,
     ),
 }
 
@@ -669,6 +694,7 @@ async def run_bench(args: argparse.Namespace, preset: Preset, progress: Progress
         "fanout": {},
         "memory": {},
         "storm": None,
+        "devices": None,
         "errors": [],
     }
     t0 = time.monotonic()
@@ -766,6 +792,29 @@ async def run_bench(args: argparse.Namespace, preset: Preset, progress: Progress
                 res["hub_src"] = results["meta"]["hub_src"]
             results["storm"] = storm
             results["errors"].extend(storm["errors"])
+        if "devices" in phases:
+            from bench.devices import DevicesSettings, run_devices
+
+            dev_settings = DevicesSettings(
+                devices=preset.devices,
+                rate=preset.devices_rate,
+                warmup=preset.devices_warmup,
+                window=preset.devices_window,
+                storm_devices=preset.playback_devices,
+                storm_procs=preset.playback_procs,
+                period=preset.playback_period,
+                rounds=preset.playback_rounds,
+                idle=preset.playback_idle,
+                parts=tuple(args.devices_parts) or DevicesSettings().parts,
+                profile=args.profile,
+            )
+            dev = await run_devices(bench, dev_settings)
+            for res in [dev, *dev["remote"].values(), *dev["playback"].values()]:
+                res["command"] = results["meta"]["command"]
+                res["commit"] = results["meta"]["commit"]
+                res["hub_src"] = results["meta"]["hub_src"]
+            results["devices"] = dev
+            results["errors"].extend(dev["errors"])
     finally:
         await bench.cleanup.close()
     results["meta"]["loadavg_end"] = loadavg()
@@ -804,8 +853,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--progress", action="store_true", help="show a live status line")
     ap.add_argument(
         "--phases",
-        default="fanout,memory,storm",
-        help="comma-separated subset of fanout,memory,storm (default: all)",
+        default="fanout,memory,storm,devices",
+        help="comma-separated subset of fanout,memory,storm,devices (default: all)",
     )
     ap.add_argument("--servers", default="", help=f"comma-separated subset of {','.join(KINDS)}")
     ap.add_argument("--subscribers", type=int, help="fan-out subscribers (default 1000)")
@@ -828,6 +877,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--storm-procs", type=int, help="storm client processes")
     ap.add_argument("--storm-timeout", type=float, help="storm: seconds until a client gives up")
     ap.add_argument(
+        "--devices-parts",
+        default="",
+        help="devices scenarios, comma-separated subset of same,cross,playback,backend,floor "
+        "(same/cross: remote commands on one node/across two over Redis, cross@5: at 5 "
+        "commands/s per device; playback/backend: the playback.update storm without/with a "
+        "backend receiver; floor: the same schedule with the cheapest request instead)",
+    )
+    ap.add_argument("--devices", type=int, help="devices: remote-controlled devices (100)")
+    ap.add_argument("--devices-rate", type=float, help="devices: commands/s per device (10)")
+    ap.add_argument("--devices-window", type=float, help="devices: command window, s")
+    ap.add_argument("--playback-devices", type=int, help="devices reporting (10,000)")
+    ap.add_argument("--playback-procs", type=int, help="client processes of the reports")
+    ap.add_argument("--playback-rounds", type=int, help="progress rounds measured (3)")
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="also run the hub fan-out under py-spy; in the storm, record the live node",
@@ -848,18 +911,35 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.argv = argv
     args.phases = [x.strip() for x in args.phases.split(",") if x.strip()]
-    bad = set(args.phases) - {"fanout", "memory", "storm"}
+    bad = set(args.phases) - {"fanout", "memory", "storm", "devices"}
     if bad:
         ap.error(f"unknown phase(s): {', '.join(sorted(bad))}")
     args.storm_scenarios = [x.strip() for x in args.storm_scenarios.split(",") if x.strip()]
     bad = set(args.storm_scenarios) - {"a", "b", "c"}
     if bad:
         ap.error(f"unknown storm scenario(s): {', '.join(sorted(bad))}")
+    args.devices_parts = [x.strip() for x in args.devices_parts.split(",") if x.strip()]
+    bad = {
+        x
+        for x in args.devices_parts
+        if x not in ("same", "cross", "playback", "backend", "floor") and not _is_rate_part(x)
+    }
+    if bad:
+        ap.error(f"unknown devices part(s): {', '.join(sorted(bad))}")
     args.servers = [x.strip() for x in args.servers.split(",") if x.strip()]
     bad = set(args.servers) - set(KINDS)
     if bad:
         ap.error(f"unknown server(s): {', '.join(sorted(bad))}")
     return args
+
+
+def _is_rate_part(part: str) -> bool:
+    """``same@5`` / ``cross@2.5``: a remote-command scenario at another rate per device."""
+    base, _, rate = part.partition("@")
+    try:
+        return base in ("same", "cross") and float(rate) > 0
+    except ValueError:
+        return False
 
 
 def preset_for(args: argparse.Namespace) -> Preset:
@@ -882,6 +962,18 @@ def preset_for(args: argparse.Namespace) -> Preset:
         p.storm_procs = args.storm_procs
     if args.storm_timeout:
         p.storm_timeout = args.storm_timeout
+    if args.devices:
+        p.devices = args.devices
+    if args.devices_rate:
+        p.devices_rate = args.devices_rate
+    if args.devices_window:
+        p.devices_window = args.devices_window
+    if args.playback_devices:
+        p.playback_devices = args.playback_devices
+    if args.playback_procs:
+        p.playback_procs = args.playback_procs
+    if args.playback_rounds:
+        p.playback_rounds = args.playback_rounds
     return p
 
 
@@ -925,8 +1017,11 @@ def _run(args: argparse.Namespace, preset: Preset, progress: Progress) -> int:
         return 130
     if args.no_write:
         print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
-    elif args.phases == ["storm"]:
-        _write_storm_only(args, results, progress)
+    elif set(args.phases) <= {"storm", "devices"}:
+        if "storm" in args.phases:
+            _write_storm_only(args, results, progress)
+        if "devices" in args.phases:
+            _write_devices_only(args, results, progress)
     else:
         out_json = Path(args.out_json)
         out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -975,6 +1070,38 @@ def _write_storm_only(
     progress.say(
         f"wrote the storm of {args.out_md}" + (f", {png}" if png else "") + f", {out_json}"
     )
+
+
+def _write_devices_only(
+    args: argparse.Namespace, results: dict[str, Any], progress: Progress
+) -> None:
+    """A devices-only run (or storm and devices) replaces the devices of the results JSON
+    (keeping the scenarios it did not run, each with its own command and commit) and the
+    devices section of the Markdown file, keeping the rest."""
+    from bench.report import write_devices_section
+
+    out_json = Path(args.out_json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    dev = results["devices"]
+    merged = results
+    if out_json.exists():
+        with contextlib.suppress(ValueError, OSError, KeyError, TypeError):
+            merged = orjson.loads(out_json.read_bytes())
+            old = merged.get("devices") or {}
+            for part in ("remote", "playback"):
+                kept = {
+                    k: v
+                    for k, v in (old.get(part) or {}).items()
+                    if k not in dev[part] and "command" in v
+                }
+                dev[part] = {**kept, **dev[part]}
+            merged["devices"] = dev
+            merged["errors"] = [
+                e for e in merged.get("errors", []) if not e.startswith("devices")
+            ] + [e for e in results["errors"] if e.startswith("devices")]
+    out_json.write_bytes(orjson.dumps(merged, option=orjson.OPT_INDENT_2) + b"\n")
+    write_devices_section(dev, Path(args.out_md))
+    progress.say(f"wrote the devices section of {args.out_md}, {out_json}")
 
 
 async def _main_guarded(
