@@ -215,3 +215,25 @@ async def test_the_devices_of_a_killed_node_disappear(redis_proc: RedisProcess) 
         doomed.stop(signal.SIGKILL)
         survivor.stop()
     assert "Traceback" not in survivor.log(), survivor.log()[-3000:]
+
+
+async def test_a_command_follows_a_device_that_moved(redis_proc: RedisProcess) -> None:
+    """Node b remembers where the TV was; the TV reconnects (a new connection on node
+    a). The next command, routed to the old connection, is refused there and re-routed
+    once, by a fresh look in the registry."""
+    async with two_nodes(redis_proc) as (a, b):
+        tv = await a.connect("alice")
+        await ack(tv, "device.hello", TV)
+        phone = await b.connect("alice")
+        await phone.send("remote.command", {"device_id": "tv-1", "command": "pause"})
+        await answer(tv)
+        await phone.recv_type("ack")
+        await tv.close()
+        moved = await a.connect("alice")
+        await ack(moved, "device.hello", TV)
+        await phone.send("remote.command", {"device_id": "tv-1", "command": "unpause"})
+        cmd = await answer(moved)
+        assert cmd["command"] == "unpause"
+        assert (await phone.recv_type("ack"))["data"]["result"] == {"ok": True}
+        status, text = await b.request("GET", "/metrics", headers={})
+        assert 'revenge_remote_commands_total{outcome="ok"} 2.0' in str(text).splitlines()

@@ -84,14 +84,15 @@ class Request:
     t_recv_ms: float
     #: Run after the reply is queued (e.g. missed publications follow the subscribe ack).
     after_reply: list[Callable[[], None]] = field(default_factory=list)
-    #: Set by :meth:`defer`: the work whose result is the reply.
-    deferred: Coroutine[Any, Any, dict[str, Any]] | None = None
+    #: Set by :meth:`defer`: the future whose result is the reply.
+    deferred: asyncio.Future[dict[str, Any]] | None = None
 
-    def defer(self, work: Coroutine[Any, Any, dict[str, Any]]) -> None:
-        """Reply with ``work``'s result (or error) once it is done, without holding up
-        the connection's next frames; ``work`` bounds its own wait. Call it last: the
-        handler's own return value is then ignored."""
-        self.deferred = work
+    def defer(self, result: asyncio.Future[dict[str, Any]]) -> None:
+        """Reply with ``result`` (its value, or the error it holds) once it is done,
+        without holding up the connection's next frames; whoever made it bounds the
+        wait (a timer that settles it). Call it last: the handler's own return value
+        is then ignored. No task waits: the reply is sent from the future's callback."""
+        self.deferred = result
 
     @property
     def data(self) -> dict[str, Any]:
@@ -459,20 +460,17 @@ class Node:
                 return await handler(req)
 
         payload, failed = await self._outcome(env, run())
-        if req.deferred is not None:
+        deferred = req.deferred
+        if deferred is not None:
             if failed:
-                req.deferred.close()  # the handler failed after deferring: its reply stands
+                deferred.cancel()  # the handler failed after deferring: its reply stands
             else:
                 # The reply comes later (a remote command waits for a device): the
                 # connection goes on reading meanwhile; its slot stays in flight.
-                self.spawn(self._finish_later(conn, req, req.deferred), f"deferred-{env.type}")
+                deferred.add_done_callback(
+                    lambda f: self._complete(conn, req, self._settled(env, f))
+                )
                 return
-        self._complete(conn, req, payload)
-
-    async def _finish_later(
-        self, conn: Connection, req: Request, deferred: Coroutine[Any, Any, dict[str, Any]]
-    ) -> None:
-        payload, _ = await self._outcome(req.envelope, deferred)
         self._complete(conn, req, payload)
 
     async def _outcome(
@@ -482,16 +480,27 @@ class Node:
         None: no reply, the request had no id), and whether it failed."""
         try:
             result = await work
-            return (encode_ack(env.id, result) if env.id is not None else None), False
-        except ProtocolError as exc:
-            return encode_error(env.id, exc.code, exc.message, exc.retryable), True
-        except (BrokerUnavailable, StoreUnavailable, TimeoutError) as exc:
+        except Exception as exc:
+            return self._error(env, exc), True
+        return (encode_ack(env.id, result) if env.id is not None else None), False
+
+    def _settled(self, env: Envelope, fut: asyncio.Future[dict[str, Any]]) -> bytes | None:
+        """The reply to a deferred request whose future is done."""
+        if fut.cancelled():
+            return self._error(env, TimeoutError())
+        exc = fut.exception()
+        if exc is not None:
+            return self._error(env, exc)
+        return encode_ack(env.id, fut.result()) if env.id is not None else None
+
+    def _error(self, env: Envelope, exc: BaseException) -> bytes:
+        if isinstance(exc, ProtocolError):
+            return encode_error(env.id, exc.code, exc.message, exc.retryable)
+        if isinstance(exc, BrokerUnavailable | StoreUnavailable | TimeoutError):
             log.warning("%s failed: %s", env.type, exc or "timeout")
-            payload = encode_error(env.id, ErrorCode.UNAVAILABLE, "temporarily unavailable", True)
-            return payload, True
-        except Exception:
-            log.exception("handler %s failed", env.type)
-            return encode_error(env.id, ErrorCode.INTERNAL, "internal error", True), True
+            return encode_error(env.id, ErrorCode.UNAVAILABLE, "temporarily unavailable", True)
+        log.error("handler %s failed", env.type, exc_info=exc)
+        return encode_error(env.id, ErrorCode.INTERNAL, "internal error", True)
 
     def _complete(self, conn: Connection, req: Request, payload: bytes | None) -> None:
         env = req.envelope

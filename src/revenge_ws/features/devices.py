@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -63,8 +64,14 @@ __all__ = ["CommandBody", "Devices", "PlaybackSink", "install", "open_registry"]
 log = logging.getLogger("revenge_ws.devices")
 #: Remote commands this node waits for at once (all callers together); more are refused.
 MAX_WAITING = 10_000
+#: How long a device's location read from the registry is reused by commands (s), and
+#: how many locations are remembered.
+LOCATE_TTL = 5.0
+MAX_LOCATED = 10_000
 #: Records written to the registry, or expired records collected, per batch.
 BATCH = 500
+#: In-process publications of one flush between two turns of the event loop.
+YIELD_EVERY = 64
 #: Longest flush tick (s): a device.updated waits at most about this after its interval.
 MAX_TICK = 0.25
 
@@ -85,6 +92,18 @@ class CommandBody(BaseModel):
     command: str = Field(min_length=1, max_length=64)
     args: dict[str, Any] = Field(default_factory=dict)
     timeout_ms: int = Field(10_000, ge=1, le=MAX_TIMEOUT_MS)
+
+
+@dataclass(slots=True, eq=False)
+class Waiting:
+    """A command asked on this node, until its reply, its timeout or its refusal."""
+
+    result: asyncio.Future[dict[str, Any]]
+    timer: asyncio.TimerHandle
+    msg: control.RemoteCommand
+    key: tuple[str, str]
+    #: Routed by a remembered location: a NOT_FOUND re-routes it once.
+    reroute: bool
 
 
 @dataclass(slots=True)
@@ -167,7 +186,9 @@ class Devices:
         self._removed: dict[tuple[str, str], None] = {}
         self._sessions_at = -math.inf
         #: Commands asked on this node, by command id.
-        self._waiting: dict[str, asyncio.Future[control.RemoteReply]] = {}
+        self._waiting: dict[str, Waiting] = {}
+        #: Devices of other nodes located recently: (when, record).
+        self._located: dict[tuple[str, str], tuple[float, Record]] = {}
         self.metrics = _Metrics(metrics or CollectorRegistry(), self)
 
     # -- device.hello ------------------------------------------------------------------
@@ -294,7 +315,7 @@ class Devices:
         if target != claims.sub and not claims.is_admin:
             raise RequestError(ErrorCode.FORBIDDEN, "another user's device")
         mine = self.by_session.get(req.conn.session_id)
-        work = self.command(
+        result = await self.command(
             target,
             r.device_id,
             r.command,
@@ -305,7 +326,7 @@ class Devices:
             guess_owner=r.user_id is None and not claims.is_admin,
         )
         # Checked and sent now; the wait for the device goes on without the connection.
-        req.defer(work)
+        req.defer(result)
         return {}
 
     async def http_command(self, request: web.Request) -> web.Response:
@@ -320,7 +341,7 @@ class Devices:
             from_user=None,
             from_device=None,
         )
-        return json_response(result)
+        return json_response(await result)
 
     async def command(
         self,
@@ -333,15 +354,18 @@ class Devices:
         from_user: str | None,
         from_device: str | None,
         guess_owner: bool = False,
-    ) -> dict[str, Any]:
-        """Send a command to a device and wait for its result (``timeout_ms``); counted
-        by outcome.
+    ) -> asyncio.Future[dict[str, Any]]:
+        """Check a command and send it to the device; raises the refusals
+        (``INVALID_MESSAGE``, ``NOT_FOUND``, ``FORBIDDEN``, ``REJECTED``...). The future
+        it returns becomes the reply ``{command_id, result}``, or the error (``REJECTED``,
+        ``TIMEOUT``, ``UNAVAILABLE``...), within ``timeout_ms``: a timer settles it, no
+        task waits for it.
 
         ``guess_owner``: a user named no ``user_id``; a device of that name held by
         another user is ``FORBIDDEN`` rather than ``NOT_FOUND``.
         """
         try:
-            result = await self._command(
+            return await self._send_command(
                 user_id,
                 device_id,
                 command,
@@ -354,10 +378,28 @@ class Devices:
         except RequestError as exc:
             self.metrics.commands.labels(exc.code.value).inc()
             raise
-        self.metrics.commands.labels("ok").inc()
-        return result
 
-    async def _command(
+    async def _locate(
+        self, key: tuple[str, str], *, fresh: bool = False
+    ) -> tuple[Record | None, bool]:
+        """The device's record, and whether it came from the cache: this node's own,
+        else the registry's, remembered ``LOCATE_TTL`` seconds (a command routed by a
+        remembered record whose connection is gone is re-routed once, afresh)."""
+        local = self.by_key.get(key)
+        if local is not None:
+            return local.record, False
+        cached = self._located.get(key)
+        if not fresh and cached is not None and self.clock() - cached[0] < LOCATE_TTL:
+            return cached[1], True
+        record = await self.node.call(self.registry.get(*key))
+        self._located.pop(key, None)
+        if record is not None:
+            if len(self._located) >= MAX_LOCATED:
+                self._located.pop(next(iter(self._located)))
+            self._located[key] = (self.clock(), record)
+        return record, False
+
+    async def _send_command(
         self,
         user_id: str,
         device_id: str,
@@ -368,11 +410,11 @@ class Devices:
         from_user: str | None,
         from_device: str | None,
         guess_owner: bool,
-    ) -> dict[str, Any]:
+    ) -> asyncio.Future[dict[str, Any]]:
         node = self.node
         args = validate_command(command, args)
-        local = self.by_key.get((user_id, device_id))
-        record = local.record if local else await node.call(self.registry.get(user_id, device_id))
+        key = (user_id, device_id)
+        record, cached = await self._locate(key)
         if record is None:
             if guess_owner and await node.call(self.registry.owner(device_id)) not in (
                 None,
@@ -400,38 +442,94 @@ class Devices:
             from_device,
             timeout_ms,
         )
-        fut: asyncio.Future[control.RemoteReply] = asyncio.get_running_loop().create_future()
-        self._waiting[cid] = fut
-        try:
-            if msg.node_id == node.node_id:
-                self.deliver(msg)
-            else:
-                await node.send_control(msg)
-            async with asyncio.timeout(timeout_ms / 1000):
-                reply = await fut
-        except TimeoutError:
-            raise RequestError(
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[dict[str, Any]] = loop.create_future()
+        timer = loop.call_later(
+            timeout_ms / 1000,
+            self._settle,
+            cid,
+            RequestError(
                 ErrorCode.TIMEOUT, f"device {device_id!r} did not answer within {timeout_ms} ms"
-            ) from None
-        finally:
-            self._waiting.pop(cid, None)
-        if reply.code:
-            try:
-                code = ErrorCode(reply.code)
-            except ValueError:
-                code = ErrorCode.INTERNAL
-            raise RequestError(code, reply.message or code.value)
-        result: dict[str, Any] = {"ok": True}
-        if reply.state is not None:
-            result["state"] = reply.state
-        return {"command_id": cid, "result": result}
+            ),
+        )
+        self._waiting[cid] = Waiting(result, timer, msg, key, reroute=cached)
+        result.add_done_callback(lambda f: self._done(cid, f))
+        try:
+            await self._route(msg)
+        except BaseException:
+            result.cancel()
+            raise
+        return result
+
+    async def _route(self, msg: control.RemoteCommand) -> None:
+        if msg.node_id == self.node.node_id:
+            self.deliver(msg)
+        else:
+            await self.node.send_control(msg)
+
+    async def _reroute(self, cid: str, waiting: Waiting) -> None:
+        """The remembered connection of the device was gone: find it afresh, once."""
+        try:
+            record, _ = await self._locate(waiting.key, fresh=True)
+        except BrokerUnavailable as exc:
+            self._settle(cid, RequestError(ErrorCode.UNAVAILABLE, str(exc)))
+            return
+        old = waiting.msg
+        if record is None or (record["session_id"], record["node_id"]) == (
+            old.session_id,
+            old.node_id,
+        ):
+            self._settle(cid, RequestError(ErrorCode.NOT_FOUND, "the device is offline"))
+            return
+        waiting.msg = dataclasses.replace(
+            old, node_id=record["node_id"], session_id=record["session_id"]
+        )
+        try:
+            await self._route(waiting.msg)
+        except BrokerUnavailable as exc:
+            self._settle(cid, RequestError(ErrorCode.UNAVAILABLE, str(exc)))
+
+    def _settle(self, cid: str, outcome: dict[str, Any] | RequestError) -> None:
+        waiting = self._waiting.get(cid)
+        if waiting is None or waiting.result.done():
+            return
+        if isinstance(outcome, RequestError):
+            waiting.result.set_exception(outcome)
+        else:
+            waiting.result.set_result(outcome)
+
+    def _done(self, cid: str, fut: asyncio.Future[dict[str, Any]]) -> None:
+        waiting = self._waiting.pop(cid, None)
+        if waiting is not None:
+            waiting.timer.cancel()
+        if fut.cancelled():
+            outcome = "cancelled"
+        else:
+            exc = fut.exception()
+            outcome = exc.code.value if isinstance(exc, RequestError) else "ok"
+        self.metrics.commands.labels(outcome).inc()
 
     def on_reply(self, msg: control.RemoteReply) -> None:
         if msg.node_id != self.node.node_id:
             return
-        fut = self._waiting.get(msg.command_id)
-        if fut is not None and not fut.done():
-            fut.set_result(msg)
+        waiting = self._waiting.get(msg.command_id)
+        if waiting is None:
+            return
+        if msg.code == ErrorCode.NOT_FOUND and waiting.reroute:
+            waiting.reroute = False
+            self.node.spawn(self._reroute(msg.command_id, waiting), name="remote-reroute")
+            return
+        if msg.code:
+            try:
+                code = ErrorCode(msg.code)
+            except ValueError:
+                code = ErrorCode.INTERNAL
+            self._settle(msg.command_id, RequestError(code, msg.message or code.value))
+            return
+        result: dict[str, Any] = {"ok": True}
+        if msg.state is not None:
+            result["state"] = msg.state
+        self._settle(msg.command_id, {"command_id": msg.command_id, "result": result})
 
     # -- remote control: the device's side -----------------------------------------------
     def deliver(self, msg: control.RemoteCommand) -> None:
@@ -600,16 +698,27 @@ class Devices:
                 if local is not None:
                     self._taken_over(local)
         pubs = []
-        for local in due:
+        failed: list[BaseException] = []
+        for n, local in enumerate(due, 1):
             if self.by_session.get(local.conn.session_id) is not local:
                 continue
             device = public(local.record)
             self._changed[local.key] = device
-            pubs.append(
-                node.publish(f"user:{device['user_id']}", "device.updated", {"device": device})
-            )
-        results = await asyncio.gather(*pubs, return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
+            pub = node.publish(f"user:{device['user_id']}", "device.updated", {"device": device})
+            if not node.broker_in_process:
+                pubs.append(pub)
+                continue
+            # In process: no I/O to overlap, so no task per publication; a pause every
+            # YIELD_EVERY lets the requests that arrived meanwhile be served between.
+            try:
+                await pub
+            except BrokerUnavailable as exc:
+                failed.append(exc)
+            if n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+        if pubs:
+            results = await asyncio.gather(*pubs, return_exceptions=True)
+            failed.extend(r for r in results if isinstance(r, BaseException))
         if failed:
             log.warning("devices: %d device.updated not published: %s", len(failed), failed[0])
 
