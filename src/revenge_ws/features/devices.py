@@ -366,14 +366,12 @@ class Devices:
         """
         try:
             return await self._send_command(
-                user_id,
-                device_id,
+                (user_id, device_id),
                 command,
                 args,
                 timeout_ms,
-                from_user=from_user,
-                from_device=from_device,
-                guess_owner=guess_owner,
+                (from_user, from_device),
+                guess_owner,
             )
         except RequestError as exc:
             self.metrics.commands.labels(exc.code.value).inc()
@@ -401,19 +399,17 @@ class Devices:
 
     async def _send_command(
         self,
-        user_id: str,
-        device_id: str,
+        key: tuple[str, str],
         command: str,
         args: dict[str, Any],
         timeout_ms: int,
-        *,
-        from_user: str | None,
-        from_device: str | None,
+        sender: tuple[str | None, str | None],
         guess_owner: bool,
     ) -> asyncio.Future[dict[str, Any]]:
+        user_id, device_id = key
+        from_user, from_device = sender
         node = self.node
         args = validate_command(command, args)
-        key = (user_id, device_id)
         record, cached = await self._locate(key)
         if record is None:
             if guess_owner and await node.call(self.registry.owner(device_id)) not in (
