@@ -159,3 +159,25 @@ def test_frame_text_headers(size: int) -> None:
 )
 def test_reconnect_classes(code: int | None, reconnect: bool) -> None:
     assert should_reconnect(code) is reconnect
+
+
+def test_encoded_messages_occupy_their_own_size() -> None:
+    """The hub keeps encoded messages for minutes (history, remembered replies); each
+    must cost about its length, not the JSON encoder's whole output buffer."""
+    import tracemalloc
+
+    from revenge_ws.protocol import encode_ack, encode_publication
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [encode_ack(f"r{i}", {}) for i in range(1000)]
+        kept += [
+            encode_publication("user:u", "device.updated", i, "e", {"x": "y" * 600}, "t")
+            for i in range(1000)
+        ]
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    length = sum(len(k) for k in kept)
+    assert used < 2 * length + 200_000, (used, length)

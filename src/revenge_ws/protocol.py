@@ -129,19 +129,26 @@ def decode_envelope(raw: str | bytes) -> Envelope:
 
 
 def encode(obj: Any) -> bytes:
-    """Serialize one JSON value (UTF-8 bytes)."""
-    return orjson.dumps(obj)
+    """Serialize one JSON value (UTF-8 bytes), in a bytes object of its own size.
+
+    orjson (3.12 and later) hands out its whole output buffer: a 40-byte ack occupies
+    4 KiB, a 700-byte publication 4-16 KiB, whatever ``len()`` says. The hub keeps many
+    encoded messages for minutes (channel history, the replies remembered for repeated
+    request ids, presence entries), so every encoder here copies the output to its
+    exact size (~0.2 µs): without it a node with 10,000 devices held 420 MiB more.
+    """
+    return memoryview(orjson.dumps(obj)).tobytes()
 
 
 def encode_message(mtype: str, data: dict[str, Any], msg_id: str | None = None) -> bytes:
     """A server message with no ``seq`` (replies, ``welcome``, direct messages)."""
     if msg_id is None:
-        return orjson.dumps({"type": mtype, "data": data})
-    return orjson.dumps({"type": mtype, "id": msg_id, "data": data})
+        return encode({"type": mtype, "data": data})
+    return encode({"type": mtype, "id": msg_id, "data": data})
 
 
 def encode_ack(msg_id: str, data: dict[str, Any]) -> bytes:
-    return orjson.dumps({"type": "ack", "id": msg_id, "data": data})
+    return encode({"type": "ack", "id": msg_id, "data": data})
 
 
 def encode_error(
@@ -149,15 +156,15 @@ def encode_error(
 ) -> bytes:
     data = {"code": code.value, "message": message, "retryable": retryable}
     if msg_id is None:
-        return orjson.dumps({"type": "error", "data": data})
-    return orjson.dumps({"type": "error", "id": msg_id, "data": data})
+        return encode({"type": "error", "data": data})
+    return encode({"type": "error", "id": msg_id, "data": data})
 
 
 def encode_publication(
     channel: str, mtype: str, seq: int, epoch: str, data: dict[str, Any], timestamp: str
 ) -> bytes:
     """A publication on a channel (contract §2), encoded once for every recipient."""
-    return orjson.dumps(
+    return encode(
         {
             "type": mtype,
             "channel": channel,

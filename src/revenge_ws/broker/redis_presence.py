@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..protocol import encode
 from .base import PresenceInfo
 from .redis_scripts import lua
 
@@ -92,7 +93,8 @@ class RedisPresence:
 
     # -- channel presence --------------------------------------------------------------
     async def add(self, channel: str, client_id: str, info: PresenceInfo) -> None:
-        blob = orjson.dumps({"u": info.user_id, "n": info.name, "node": info.node_id})
+        # Kept (and re-written at every refresh) while the connection lives: its own size.
+        blob = encode({"u": info.user_id, "n": info.name, "node": info.node_id})
         await self._b._run(self._pres_add(self._kpres(channel), [self._ttl_ms, client_id, blob]))
         if client_id in self._released:
             # The connection was removed while this add was in flight: undo it.
