@@ -1265,8 +1265,8 @@ def devices_section(dev: dict[str, Any]) -> list[str]:
                 f"CPU per command: {same['hub_us_per_command']:,.0f} µs on one node; across "
                 f"nodes {low['hub_us_per_command']:,.0f} µs for both hubs together at "
                 f"{low['rate']:,.0f}/s ({times:.1f}×: the asking node publishes the command "
-                "(and reads the device's record from Redis once per 5 s), the device's node publishes "
-                "the result; both include their share of the idle cost, ~3–4 % each)."
+                "(and reads the device's record from Redis once per 5 s), the device's node "
+                "publishes the result; both include their share of the idle cost, ~3–4 % each)."
             )
         for n_ in notes:
             a(f"- {n_}")

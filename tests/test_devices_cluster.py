@@ -236,4 +236,5 @@ async def test_a_command_follows_a_device_that_moved(redis_proc: RedisProcess) -
         assert cmd["command"] == "unpause"
         assert (await phone.recv_type("ack"))["data"]["result"] == {"ok": True}
         status, text = await b.request("GET", "/metrics", headers={})
+        assert status == 200
         assert 'revenge_remote_commands_total{outcome="ok"} 2.0' in str(text).splitlines()
