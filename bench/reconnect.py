@@ -164,7 +164,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
     finally:
         bare.stop()
-    results["ratio"] = round(results["hub"]["server_us"] / results["bare"]["server_us"], 2)
+    bare_us = results["bare"]["server_us"]
+    # None when the bare run saw no CPU tick (a smoke-sized run): no ratio to give.
+    results["ratio"] = round(results["hub"]["server_us"] / bare_us, 2) if bare_us else None
     results["load_after"] = loadavg()
     return results
 

@@ -162,7 +162,7 @@ def goals(results: dict[str, Any]) -> list[list[str]]:
         if k in fan and fan[k].get("throughput")
     ]
     sio = fan.get("socketio", {}).get("throughput", {}).get("server_us_per_delivery")
-    if hub and bare:
+    if hub and bare and min(bare) > 0:  # a tiny run may see no CPU tick for a server
         ratio = hub / min(bare)
         rows.append(
             [

@@ -38,7 +38,8 @@ def test_fanout_and_latency_smoke(tmp_path: Path) -> None:
         assert res["subscribers"] == 20, kind
         tp = res["throughput"]
         assert tp["publications"] == 20, kind
-        assert tp["deliveries"] > 0 and tp["server_us_per_delivery"] > 0, (kind, tp)
+        # CPU comes from /proc in 10 ms ticks: a smoke-sized run may see none.
+        assert tp["deliveries"] > 0 and tp["server_us_per_delivery"] >= 0, (kind, tp)
         assert tp["lost"] == 0 and tp["drained"], (kind, tp)
         (step,) = res["latency"]
         assert step["rate"] == 20 and step["publications"] == 20, (kind, step)
@@ -97,4 +98,6 @@ def test_reconnect_cost_smoke(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["errors"] == []
     assert result["hub"]["reconnects"] == 20 and result["bare"]["reconnects"] == 20
-    assert result["hub"]["server_us"] > 0 and result["ratio"] > 0
+    # CPU comes from /proc in 10 ms ticks: a smoke-sized run may see none (ratio None).
+    assert result["hub"]["server_us"] >= 0 and result["bare"]["server_us"] >= 0
+    assert result["ratio"] is None or result["ratio"] >= 0
