@@ -295,7 +295,7 @@ async def test_at_most_ten_commands_in_flight_per_device(hub: Hub) -> None:
 
 # -- lists and the sessions channel -------------------------------------------------------------
 async def test_devices_list_for_self_admin_and_backend(hub: Hub) -> None:
-    await tv_and_phone(hub, "alice")
+    _held = await tv_and_phone(hub, "alice")  # held: a collected client would close
     bob = await hub.connect("bob")
     await ack(bob, "device.hello", {**TV, "device_id": "bobs-tv"})
     assert [d["device_id"] for d in (await ack(bob, "devices.list"))["devices"]] == ["bobs-tv"]

@@ -137,9 +137,10 @@ async def test_takeover_and_updates_across_nodes(redis_proc: RedisProcess) -> No
 
 async def test_admin_sees_every_nodes_devices(redis_proc: RedisProcess) -> None:
     async with two_nodes(redis_proc) as (a, b):
+        devices = []  # held: a client object collected would close its connection
         for hub, user, dev in ((a, "alice", "tv-a"), (b, "bob", "tv-b")):
-            ws = await hub.connect(user)
-            await ack(ws, "device.hello", {**TV, "device_id": dev})
+            devices.append(await hub.connect(user))
+            await ack(devices[-1], "device.hello", {**TV, "device_id": dev})
         admin = await a.connect("root", role="admin")
         everyone = (await ack(admin, "devices.list", {"all": True}))["devices"]
         assert sorted((d["user_id"], d["device_id"]) for d in everyone) == [
