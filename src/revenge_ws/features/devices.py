@@ -201,7 +201,6 @@ class Devices:
         if mine is not None and mine.record["device_id"] != h.device_id:
             await self._end(mine, "renamed")
             mine = None
-        same = mine is not None
         record: Record = {
             "device_id": h.device_id,
             "user_id": user,
@@ -218,7 +217,7 @@ class Devices:
         other = self.by_key.get((user, h.device_id))
         if other is not None and other.conn is not conn:
             self._taken_over(other)
-        local = mine if same and mine is not None else LocalDevice(conn, record)
+        local = mine or LocalDevice(conn, record)
         local.record = record
         self.by_session[sid] = local
         self.by_key[local.key] = local
@@ -235,14 +234,20 @@ class Devices:
         self._mark(local)
         return {"device": public(record)}
 
-    def _taken_over(self, local: LocalDevice) -> None:
-        """Another connection holds the device now: this one is no longer it."""
-        if self.by_session.get(local.conn.session_id) is local:
-            del self.by_session[local.conn.session_id]
+    def _detach(self, local: LocalDevice, why: str) -> None:
+        """The connection is no longer the device: forget it here, and answer the
+        commands in flight to it ``UNAVAILABLE`` (``why``)."""
+        sid = local.conn.session_id
+        if self.by_session.get(sid) is local:
+            del self.by_session[sid]
         if self.by_key.get(local.key) is local:
             del self.by_key[local.key]
-        self._dirty.discard(local.conn.session_id)
-        self._fail_inflight(local, "the device was taken over by another connection")
+        self._dirty.discard(sid)
+        self._fail_inflight(local, why)
+
+    def _taken_over(self, local: LocalDevice) -> None:
+        """Another connection holds the device now: this one is no longer it."""
+        self._detach(local, "the device was taken over by another connection")
         local.conn.send(
             encode_message(
                 "device.ended", {"device_id": local.record["device_id"], "reason": "replaced"}
@@ -364,67 +369,14 @@ class Devices:
         ``guess_owner``: a user named no ``user_id``; a device of that name held by
         another user is ``FORBIDDEN`` rather than ``NOT_FOUND``.
         """
+        key = (user_id, device_id)
         try:
-            return await self._send_command(
-                (user_id, device_id),
-                command,
-                args,
-                timeout_ms,
-                (from_user, from_device),
-                guess_owner,
-            )
+            args = validate_command(command, args)
+            record, cached = await self._target(key, command, guess_owner)
         except RequestError as exc:
             self.metrics.commands.labels(exc.code.value).inc()
             raise
-
-    async def _locate(
-        self, key: tuple[str, str], *, fresh: bool = False
-    ) -> tuple[Record | None, bool]:
-        """The device's record, and whether it came from the cache: this node's own,
-        else the registry's, remembered ``LOCATE_TTL`` seconds (a command routed by a
-        remembered record whose connection is gone is re-routed once, afresh)."""
-        local = self.by_key.get(key)
-        if local is not None:
-            return local.record, False
-        cached = self._located.get(key)
-        if not fresh and cached is not None and self.clock() - cached[0] < LOCATE_TTL:
-            return cached[1], True
-        record = await self.node.call(self.registry.get(*key))
-        self._located.pop(key, None)
-        if record is not None:
-            if len(self._located) >= MAX_LOCATED:
-                self._located.pop(next(iter(self._located)))
-            self._located[key] = (self.clock(), record)
-        return record, False
-
-    async def _send_command(
-        self,
-        key: tuple[str, str],
-        command: str,
-        args: dict[str, Any],
-        timeout_ms: int,
-        sender: tuple[str | None, str | None],
-        guess_owner: bool,
-    ) -> asyncio.Future[dict[str, Any]]:
-        user_id, device_id = key
-        from_user, from_device = sender
         node = self.node
-        args = validate_command(command, args)
-        record, cached = await self._locate(key)
-        if record is None:
-            if guess_owner and await node.call(self.registry.owner(device_id)) not in (
-                None,
-                user_id,
-            ):
-                raise RequestError(ErrorCode.FORBIDDEN, "another user's device")
-            raise RequestError(ErrorCode.NOT_FOUND, f"no device {device_id!r} online")
-        caps = record.get("capabilities") or {}
-        if not caps.get("remote_control") or command not in caps.get("commands", ()):
-            raise RequestError(
-                ErrorCode.REJECTED, f"device {device_id!r} does not support {command!r}"
-            )
-        if len(self._waiting) >= MAX_WAITING:
-            raise RequestError(ErrorCode.RATE_LIMITED, "too many remote commands in flight")
         cid = uuid.uuid4().hex
         msg = control.RemoteCommand(
             record["node_id"],
@@ -457,6 +409,49 @@ class Devices:
             raise
         return result
 
+    async def _target(
+        self, key: tuple[str, str], command: str, guess_owner: bool
+    ) -> tuple[Record, bool]:
+        """The record of the device a command may be sent to, and whether it came from
+        the cache; raises NOT_FOUND, FORBIDDEN, REJECTED or RATE_LIMITED."""
+        user_id, device_id = key
+        record, cached = await self._locate(key)
+        if record is None:
+            if guess_owner and await self.node.call(self.registry.owner(device_id)) not in (
+                None,
+                user_id,
+            ):
+                raise RequestError(ErrorCode.FORBIDDEN, "another user's device")
+            raise RequestError(ErrorCode.NOT_FOUND, f"no device {device_id!r} online")
+        caps = record.get("capabilities") or {}
+        if not caps.get("remote_control") or command not in caps.get("commands", ()):
+            raise RequestError(
+                ErrorCode.REJECTED, f"device {device_id!r} does not support {command!r}"
+            )
+        if len(self._waiting) >= MAX_WAITING:
+            raise RequestError(ErrorCode.RATE_LIMITED, "too many remote commands in flight")
+        return record, cached
+
+    async def _locate(
+        self, key: tuple[str, str], *, fresh: bool = False
+    ) -> tuple[Record | None, bool]:
+        """The device's record, and whether it came from the cache: this node's own,
+        else the registry's, remembered ``LOCATE_TTL`` seconds (a command routed by a
+        remembered record whose connection is gone is re-routed once, afresh)."""
+        local = self.by_key.get(key)
+        if local is not None:
+            return local.record, False
+        cached = self._located.get(key)
+        if not fresh and cached is not None and self.clock() - cached[0] < LOCATE_TTL:
+            return cached[1], True
+        record = await self.node.call(self.registry.get(*key))
+        self._located.pop(key, None)
+        if record is not None:
+            if len(self._located) >= MAX_LOCATED:
+                self._located.pop(next(iter(self._located)))
+            self._located[key] = (self.clock(), record)
+        return record, False
+
     async def _route(self, msg: control.RemoteCommand) -> None:
         if msg.node_id == self.node.node_id:
             self.deliver(msg)
@@ -465,22 +460,18 @@ class Devices:
 
     async def _reroute(self, cid: str, waiting: Waiting) -> None:
         """The remembered connection of the device was gone: find it afresh, once."""
+        old = waiting.msg
         try:
             record, _ = await self._locate(waiting.key, fresh=True)
-        except BrokerUnavailable as exc:
-            self._settle(cid, RequestError(ErrorCode.UNAVAILABLE, str(exc)))
-            return
-        old = waiting.msg
-        if record is None or (record["session_id"], record["node_id"]) == (
-            old.session_id,
-            old.node_id,
-        ):
-            self._settle(cid, RequestError(ErrorCode.NOT_FOUND, "the device is offline"))
-            return
-        waiting.msg = dataclasses.replace(
-            old, node_id=record["node_id"], session_id=record["session_id"]
-        )
-        try:
+            if record is None or (record["session_id"], record["node_id"]) == (
+                old.session_id,
+                old.node_id,
+            ):
+                self._settle(cid, RequestError(ErrorCode.NOT_FOUND, "the device is offline"))
+                return
+            waiting.msg = dataclasses.replace(
+                old, node_id=record["node_id"], session_id=record["session_id"]
+            )
             await self._route(waiting.msg)
         except BrokerUnavailable as exc:
             self._settle(cid, RequestError(ErrorCode.UNAVAILABLE, str(exc)))
@@ -627,19 +618,14 @@ class Devices:
             await self._end(local, "the device disconnected")
 
     async def _end(self, local: LocalDevice, why: str) -> None:
-        sid = local.conn.session_id
-        self.by_session.pop(sid, None)
-        if self.by_key.get(local.key) is local:
-            del self.by_key[local.key]
-        self._dirty.discard(sid)
-        self._fail_inflight(local, why)
+        self._detach(local, why)
         if self.node.closing:
             # A restart is not a departure: the device comes back within the advised
             # window and claims its record again; one that does not expires (Redis) and
             # is reported then. Nobody would read a removal from an in-process registry.
             return
         user, dev = local.key
-        if await self.node.call(self.registry.remove(user, dev, sid)):
+        if await self.node.call(self.registry.remove(user, dev, local.conn.session_id)):
             await self._removed_device(user, dev)
 
     async def _removed_device(self, user: str, dev: str) -> None:
@@ -688,11 +674,7 @@ class Devices:
     async def _publish_updates(self, due: list[LocalDevice]) -> None:
         node = self.node
         if not node.broker_in_process:
-            lost = await node.call(self.registry.refresh([d.record for d in due]))
-            for record in lost:
-                local = self.by_session.get(record["session_id"])
-                if local is not None:
-                    self._taken_over(local)
+            await self._refresh(due)
         pubs = []
         failed: list[BaseException] = []
         for n, local in enumerate(due, 1):
@@ -729,17 +711,20 @@ class Devices:
             except BrokerUnavailable as exc:
                 log.warning("devices: keep-alive failed, retried: %s", exc)
 
+    async def _refresh(self, devices: list[LocalDevice]) -> None:
+        """Write these devices' records to the registry; a record another session holds
+        now means a takeover message was missed: act as if told."""
+        lost = await self.node.call(self.registry.refresh([d.record for d in devices]))
+        for record in lost:
+            local = self.by_session.get(record["session_id"])
+            if local is not None:
+                self._taken_over(local)
+
     async def keep_alive(self) -> None:
         node = self.node
         locals_ = list(self.by_session.values())
         for i in range(0, len(locals_), BATCH):
-            lost = await node.call(
-                self.registry.refresh([d.record for d in locals_[i : i + BATCH]])
-            )
-            for record in lost:
-                local = self.by_session.get(record["session_id"])
-                if local is not None:
-                    self._taken_over(local)
+            await self._refresh(locals_[i : i + BATCH])
         for _ in range(100):  # bounded: 100 batches per round at most
             gone = await node.call(self.registry.expired(BATCH))
             for record in gone:
