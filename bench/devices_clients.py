@@ -39,7 +39,7 @@ from typing import Any
 import orjson
 
 from .common import HOST, SECRET, percentile, self_cpu
-from .wsclient import HandshakeRefused, Stats, WSClient, build_request
+from .wsclient import FIRST_ID, HandshakeRefused, Stats, WSClient, build_request
 
 __all__ = ["COMMANDS", "DEVICE_ID", "DevConn", "hello_message", "run"]
 
@@ -69,7 +69,7 @@ def hello_message(index: int) -> bytes:
     return orjson.dumps(
         {
             "type": "device.hello",
-            "id": "h",
+            "id": FIRST_ID,
             "data": {
                 "device_id": DEVICE_ID,
                 "name": f"Living room {index}",
@@ -89,8 +89,8 @@ def token(sub: str, role: str = "user") -> str:
 
 
 class DevConn(WSClient):
-    """A hub connection that sends ``first`` after the ``welcome`` and is ready when the
-    reply with id ``h`` comes (without ``first``: at the ``welcome``); every later text
+    """A hub connection that sends ``first`` after the ``welcome`` and is ready at its
+    ``ack`` (id :data:`FIRST_ID`; without ``first``: at the ``welcome``); every later text
     frame goes to ``on_msg(conn, payload)``."""
 
     def __init__(
@@ -101,26 +101,15 @@ class DevConn(WSClient):
         on_msg: Callable[[DevConn, bytes], None],
         index: int = 0,
     ) -> None:
-        super().__init__("hub", request, stats, track=True)
-        self.first = first
+        super().__init__("hub", request, stats, subscribe=first, track=True)
         self.on_msg = on_msg
         self.index = index
 
     def _text(self, p: bytes) -> None:
         if self.ready:
             self.on_msg(self, p)
-            return
-        msg = orjson.loads(p)
-        mtype = msg.get("type")
-        if mtype == "welcome":
-            if self.first is None:
-                self._set_ready()
-            else:
-                self.send_text(self.first)
-        elif mtype == "ack" and msg.get("id") == "h":
-            self._set_ready()
-        elif mtype == "error":
-            self._fail(ConnectionError(f"hub error: {msg.get('data')}"))
+        else:
+            super()._text(p)
 
 
 async def open_dev(
@@ -505,7 +494,7 @@ async def run(cfg: dict[str, Any]) -> None:
             )
             if cfg.get("dashboard"):
                 sub = orjson.dumps(
-                    {"type": "subscribe", "id": "h", "data": {"channels": ["sessions"]}}
+                    {"type": "subscribe", "id": FIRST_ID, "data": {"channels": ["sessions"]}}
                 )
                 board, _ = await connect_many(
                     port,

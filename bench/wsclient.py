@@ -27,7 +27,11 @@ import orjson
 
 from .common import HOST
 
-__all__ = ["HandshakeRefused", "Stats", "WSClient", "build_request", "open_ws"]
+__all__ = ["FIRST_ID", "HandshakeRefused", "Stats", "WSClient", "build_request", "open_ws"]
+
+#: The id of the request a hub connection sends right after its ``welcome`` (``subscribe``
+#: of :class:`WSClient`, or any other request): the connection is ready at its ``ack``.
+FIRST_ID = "s1"
 
 _T = re.compile(rb'"t":([0-9.]+)')
 _RETRY = re.compile(rb"(?im)^retry-after:\s*([0-9.]+)")
@@ -272,7 +276,7 @@ class WSClient(asyncio.Protocol):
                         self._set_ready()
                     else:
                         self.send_text(self.subscribe)
-                elif mtype == "ack" and msg.get("id") == "s1":
+                elif mtype == "ack" and msg.get("id") == FIRST_ID:
                     self.ack = msg.get("data") or {}
                     self._set_ready()
                 elif mtype == "error":
@@ -332,4 +336,4 @@ def subscribe_message(channel: str, since: tuple[str, int] | None = None) -> byt
     item: dict[str, Any] = {"name": channel}
     if since is not None:
         item["since"] = {"epoch": since[0], "seq": since[1]}
-    return orjson.dumps({"type": "subscribe", "id": "s1", "data": {"channels": [item]}})
+    return orjson.dumps({"type": "subscribe", "id": FIRST_ID, "data": {"channels": [item]}})
