@@ -279,6 +279,10 @@ async def test_key_value(subject: Subject) -> None:
     assert await b.get_value("brief") == "z"
     assert await b.get_values(["k", "short", "brief", "never"]) == ["v3", None, "z", None]
     assert await b.get_values([]) == []
+    many = {f"m{i}": str(i) for i in range(2_500)}  # more than one Redis pipeline
+    await b.set_values(many, 10)
+    await b.set_values({}, 10)
+    assert await b.get_values(list(many)) == list(many.values())
 
 
 async def test_ping(subject: Subject, make_redis_broker: MakeBroker) -> None:

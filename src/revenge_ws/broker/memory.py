@@ -266,3 +266,8 @@ class MemoryBroker:
 
     async def set_value(self, key: str, value: str, ttl: float) -> None:
         self._kv_set(key, value, self._clock() + ttl)
+
+    async def set_values(self, values: dict[str, str], ttl: float) -> None:
+        expires = self._clock() + ttl
+        for key, value in values.items():
+            self._kv_set(key, value, expires)

@@ -18,10 +18,11 @@ The node where they left writes an *away mark* ``presence:away:{user}`` = the gr
   the report).
 
 A node that stops (SIGTERM) starts no grace for the users it closes (they are coming
-back; a restart must not flap) but writes their marks, so the node they come back to
-stays quiet. Hence a user who does not come back after their node stopped, or whose
-node died (SIGKILL: their connections expire from the broker after the presence TTL),
-is not reported offline. Node clocks are assumed to agree to well within the grace.
+back; a restart must not flap) but writes all their marks before it closes anyone, so
+the node they come back to stays quiet. Hence a user who does not come back after their
+node stopped, or whose node died (SIGKILL: their connections expire from the broker
+after the presence TTL), is not reported offline. Node clocks are assumed to agree to
+well within the grace.
 """
 
 from __future__ import annotations
@@ -76,23 +77,19 @@ class PresenceFeed:
     async def offline(self, conn: Connection) -> None:
         node, co = self.node, self.coalescer
         if node.closing:
-            # The node restarts: its users are coming back, not leaving; no grace here.
-            # The mark still tells the node they come back to that they never left: it
-            # lasts the spread window they were told to come back within, plus the grace.
-            if node.broker_in_process:
-                return  # the broker dies with this process: nobody would read it
-            deadline = self.clock() + node.stop_window + co.grace
-        else:
-            deadline = co.offline(conn.user_id, conn.claims.display_name, self.clock())
-            self._kick()
+            return  # a restart, not a departure: stop() wrote every user's mark already
+        deadline = co.offline(conn.user_id, conn.claims.display_name, self.clock())
+        self._kick()
         with contextlib.suppress(BrokerUnavailable):
             await node.call(
                 node.broker.set_value(
-                    _mark(conn.user_id),
-                    _ms(deadline),
-                    deadline - self.clock() + co.window + MARK_SLACK,
+                    _mark(conn.user_id), _ms(deadline), deadline - self.clock() + self._slack
                 )
             )
+
+    @property
+    def _slack(self) -> float:
+        return self.coalescer.window + MARK_SLACK
 
     def max_users(self) -> int:
         """Users a publication names per list: ``activity.presence_max_users``, fewer when
@@ -103,7 +100,8 @@ class PresenceFeed:
         return max(MIN_USERS, min(self.node.settings.activity.presence_max_users, by_bytes))
 
     async def stop(self) -> None:
-        """Publish the open batch now; forget the graces (a restart is not an absence)."""
+        """Publish the open batch now; forget the graces (a restart is not an absence);
+        mark every local user away before any of them is told to reconnect."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -111,6 +109,21 @@ class PresenceFeed:
             self._task = None
         self.coalescer.drop_graces()
         await self._publish(force=True)
+        await self._mark_restart()
+
+    async def _mark_restart(self) -> None:
+        """The node restarts: its users are coming back, not leaving. Their marks tell
+        the node they come back to that they never left; each lasts the spread window
+        they are told to come back within, plus the grace. Written here, before the
+        closes, because a mark written at each close would race the reconnect it is
+        about: the client may already be counted on another node by then."""
+        node = self.node
+        if node.broker_in_process or not node.hub.by_user:
+            return  # an in-process broker dies with this process: nobody would read it
+        deadline = self.clock() + node.stop_window + self.coalescer.grace
+        marks = {_mark(user): _ms(deadline) for user in node.hub.by_user}
+        with contextlib.suppress(BrokerUnavailable):
+            await node.call(node.broker.set_values(marks, deadline - self.clock() + self._slack))
 
     # -- the driver --------------------------------------------------------------------
     def _kick(self) -> None:
