@@ -102,3 +102,44 @@ def test_flusher_waits_about_one_pass_only_when_saturated() -> None:
     assert len(loop.soon) == 1 and not loop.later
     loop.run()
     assert len(t.writes) == 7
+
+
+def test_lazy_frames_linger_until_the_linger_pass_or_a_reply() -> None:
+    """During a storm a fan-out frame waits ``linger`` seconds so that the publications
+    of that time leave in one write; a reply does not wait and takes them with it."""
+    loop = FakeLoop()
+    flusher = Flusher(loop, linger=1.0)
+    conn, t = make_conn(loop, "a", "alice")
+    conn.flusher = flusher
+    other, t2 = make_conn(loop, "b", "bob")
+    other.flusher = flusher
+
+    for i in range(3):
+        conn.send_frame(frame_text(b'{"p":%d}' % i), lazy=True)
+    other.send_latest("transcode:j", frame_text(b'{"progress":1}'), lazy=True)
+    assert not loop.soon and [d for d, _ in loop.later] == [1.0]  # one timer for all
+    loop.later.pop()[1]()
+    assert t.writes == [b"".join(frame_text(b'{"p":%d}' % i) for i in range(3))]
+    assert t2.writes == [frame_text(b'{"progress":1}')]
+
+    # A reply flushes the lingering frames in order, in one write, at once.
+    conn.send_frame(frame_text(b'{"p":3}'), lazy=True)
+    conn.send(b'{"reply":1}')
+    loop.run()
+    assert t.writes[-1] == frame_text(b'{"p":3}') + frame_text(b'{"reply":1}')
+    loop.later.pop()[1]()  # the linger pass finds nothing left
+    assert len(t.writes) == 2
+
+    # A connection already due for a flush does not linger.
+    conn.send(b'{"reply":2}')
+    conn.send_frame(frame_text(b'{"p":4}'), lazy=True)
+    assert not loop.later
+    loop.run()
+    assert t.writes[-1] == frame_text(b'{"reply":2}') + frame_text(b'{"p":4}')
+
+    # linger 0: lazy frames leave in the next iteration like any other.
+    flusher.linger = 0.0
+    conn.send_frame(frame_text(b'{"p":5}'), lazy=True)
+    assert not loop.later and loop.soon
+    loop.run()
+    assert t.writes[-1] == frame_text(b'{"p":5}')

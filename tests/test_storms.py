@@ -361,6 +361,57 @@ async def test_users_moving_to_another_node_are_neither_offline_nor_online_again
             node.stop(signal.SIGKILL)
 
 
+async def test_during_a_storm_shared_publications_linger_and_replies_take_them_along(
+    hub_with: HubWith,
+) -> None:
+    """A storm (here: 3 handshakes within a second) makes library publications wait in the
+    outbox (``server.storm_linger``) for the next write; a user's own channel does not
+    wait, and a reply carries what waited, in order."""
+    env = {"REVENGE_SERVER_STORM_HANDSHAKES": "3", "REVENGE_SERVER_STORM_LINGER": "5"}
+    async with hub_with(env) as hub:
+        alice = await hub.connect("alice")
+        others = [await hub.connect(f"u{i}") for i in range(2)]
+        assert hub.node.admission.storm.storming(time.monotonic())
+        ack = await alice.request("subscribe", {"channels": ["library:l1"]})
+        assert ack["type"] == "ack"
+        (conn,) = hub.node.hub.user_connections("alice")
+
+        status, _ = await hub.publish("library:l1", "library.changed", {"n": 1})
+        assert status == 200
+        assert conn._lazy_pending and len(conn.outbox) == 1  # waits for the linger
+
+        status, _ = await hub.publish("user:alice", "user.updated", {"n": 2})
+        assert status == 200
+        assert not conn._lazy_pending  # not a shared channel: flushed now, with the other
+        first = await alice.recv(timeout=3)
+        second = await alice.recv(timeout=3)
+        assert [first["type"], second["type"]] == ["library.changed", "user.updated"]
+
+        await hub.publish("library:l1", "library.changed", {"n": 3})
+        assert conn._lazy_pending
+        ack = await alice.request("subscribe", {"channels": ["library:l2"]})
+        assert ack["type"] == "ack"  # the publication came first: request() kept it aside
+        assert [m["data"] for m in alice.backlog] == [{"n": 3}]
+        for ws in [alice, *others]:
+            await ws.close()
+
+
+def test_the_storm_meter_counts_whole_seconds_and_holds() -> None:
+    from revenge_ws.core.admission import StormMeter
+
+    meter = StormMeter(rate=3, hold=2.0)
+    for t in (0.0, 0.5, 1.2, 1.9):  # never 3 within a second counted from its first
+        meter.handshake(t)
+    assert not meter.storming(2.0)
+    for t in (2.5, 2.6, 2.7):  # the count from 2.5 reaches 3: a storm until 3.5 + 2
+        meter.handshake(t)
+    assert meter.storming(2.7) and meter.storming(5.4)
+    assert not meter.storming(5.5)
+    for t in (10.0, 10.1, 10.2):
+        meter.handshake(t)
+    assert meter.storming(12.9) and not meter.storming(13.0)
+
+
 def test_the_lag_meter_keeps_the_worst_lateness_of_its_horizon() -> None:
     from revenge_ws.core.admission import LagMeter
 

@@ -62,17 +62,29 @@ class ServerSettings(_Section):
     #: A node whose event loop runs later than this (s) answers new handshakes 503 at once,
     #: so that the work it has accepted finishes while its clients still wait; 0: never.
     max_loop_lag: float = Field(2.0, ge=0, le=60)
-    #: Connections the kernel holds for the node before it accepts them. Short on purpose:
-    #: a connection that waits in this queue longer than its client does is work done for
-    #: nobody; past it the client's TCP retries its SYN (after 1 s, then 2 s, ...), a
-    #: spread by itself. 256 is a fraction of a second of a busy node's handshakes.
-    listen_backlog: int = Field(256, ge=16, le=65535)
+    #: Connections the kernel holds for the node before it accepts them (Linux caps it at
+    #: ``net.core.somaxconn``, 4096 by default). About two seconds of a busy node's
+    #: handshakes: well within a client's connect timeout (10 s for the shipped ones), so
+    #: a queued connection is still wanted when its turn comes. A full queue is worse than
+    #: a long one: the kernel drops the client's handshake ACK and retransmits after 1 s,
+    #: 3 s, 7 s, and the attempt times out after 10 s (a 256 queue cost a restart of
+    #: 10,000 users its last 5 s: docs/performance.md §3).
+    listen_backlog: int = Field(2048, ge=16, le=65535)
     #: Serve the dashboard/demo pages and the JS client.
     static: bool = True
     #: Seconds over which clients told to come back (1001, 1012, 4002-4004 closes: their
     #: reason says ``window=N``; 503s: ``Reconnect-Window``) spread their reconnects; longer
     #: when the node has more connections than ``accept_rate`` admits within it.
     restart_window: float = Field(5.0, ge=0, le=300)
+    #: Handshakes per second (counted per whole second) that make a reconnect storm. While
+    #: one lasts, and for STORM_HOLD seconds after, publications on the shared families
+    #: (activity, library, server, sessions, transcode) may wait ``storm_linger`` seconds in
+    #: each outbox, so that a connection gets one write per linger instead of one per
+    #: publication: that write is most of what fan-out costs a node that is also taking
+    #: thousands of handshakes. Replies, SyncPlay and a user's own channels never wait.
+    storm_handshakes: int = Field(200, ge=1)
+    #: See ``storm_handshakes``; 0: publications never wait.
+    storm_linger: float = Field(1.0, ge=0, le=5)
 
 
 class NodeSettings(_Section):

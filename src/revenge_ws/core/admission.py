@@ -24,12 +24,23 @@ from .ratelimit import TokenBucket
 if TYPE_CHECKING:
     from .node import Node
 
-__all__ = ["LAG_PROBE_INTERVAL", "MAX_WINDOW", "Admission", "HandshakeGate", "LagMeter"]
+__all__ = [
+    "LAG_PROBE_INTERVAL",
+    "MAX_WINDOW",
+    "STORM_HOLD",
+    "Admission",
+    "HandshakeGate",
+    "LagMeter",
+    "StormMeter",
+]
 
 #: The longest spread window a node advises (s).
 MAX_WINDOW = 300.0
 #: How often the node's loop-lag probe wakes (s).
 LAG_PROBE_INTERVAL = 0.05
+#: A storm is over this long (s) after the last second that had
+#: ``server.storm_handshakes`` handshakes.
+STORM_HOLD = 2.0
 
 
 class HandshakeGate:
@@ -65,6 +76,33 @@ class HandshakeGate:
             self.pending -= 1
 
 
+class StormMeter:
+    """Whether the node is in a reconnect storm: some whole second (from the first
+    handshake of a count) had ``rate`` handshakes, at most ``hold`` seconds ago. Pure:
+    callers pass the time."""
+
+    __slots__ = ("_count", "_end", "hold", "rate", "until")
+
+    def __init__(self, rate: int, hold: float = STORM_HOLD) -> None:
+        self.rate = rate
+        self.hold = hold
+        self._count = 0
+        self._end = 0.0
+        #: The storm lasts until this time (monotonic s).
+        self.until = 0.0
+
+    def handshake(self, now: float) -> None:
+        if now >= self._end:
+            self._end = now + 1.0
+            self._count = 0
+        self._count += 1
+        if self._count >= self.rate:
+            self.until = max(self.until, self._end + self.hold)
+
+    def storming(self, now: float) -> bool:
+        return now < self.until
+
+
 class Admission:
     """The node's admission state: the accept bucket, the handshake gate, and the
     connections admitted but not yet opened (their cluster-wide count is held)."""
@@ -75,6 +113,7 @@ class Admission:
         self.accept = TokenBucket(server.accept_rate, server.accept_burst, time.monotonic())
         self.handshakes = HandshakeGate(server.max_pending_handshakes)
         self.lag = LagMeter(server.max_loop_lag)
+        self.storm = StormMeter(server.storm_handshakes)
         #: Admitted, not opened yet: their connection count is released if they never open.
         self.admitted: set[str] = set()
         #: The user's cluster-wide connection count each admitted connection saw.

@@ -17,6 +17,7 @@ from ..codes import ErrorCode
 from ..exceptions import RequestError
 
 __all__ = [
+    "LINGER",
     "ChannelPolicy",
     "Family",
     "automatic_channels",
@@ -44,6 +45,12 @@ _KEY = re.compile(r"[A-Za-z0-9_.@=+~-]{1,128}")
 #: Families whose channels keep the latest value (given in the subscribe ack) and whose
 #: progress updates are conflated for slow readers.
 LATEST_VALUE = frozenset({Family.TRANSCODE})
+#: Families whose publications may linger in outboxes during a reconnect storm
+#: (``server.storm_linger``): shared by many users, read by people, not timed. SyncPlay
+#: (``playback``) is timed; a user's own channels carry few messages, acknowledged ones.
+LINGER = frozenset(
+    {Family.ACTIVITY, Family.LIBRARY, Family.SERVER, Family.SESSIONS, Family.TRANSCODE}
+)
 #: A user's own channels: every connection of the user is on them, so their presence is
 #: the user's connection count (kept by the broker anyway) and needs no entry per
 #: connection (two broker writes per connect and per close, and memory, saved).

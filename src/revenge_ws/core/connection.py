@@ -50,17 +50,37 @@ class Flusher:
 
     Under saturation (the loop busy flushing two thirds of the time or more) the next pass is
     deferred by up to one pass: a delivery then shares its ``write()`` with the following
-    publications' (the syscall is ~2/3 of a delivery's cost). Below that, nothing waits."""
+    publications' (the syscall is ~2/3 of a delivery's cost). Below that, nothing waits.
 
-    __slots__ = ("_clock", "_ended", "_loop", "_pass", "_pending", "_scheduled")
+    A *lingering* delivery (:meth:`add_lazy`, asked for during a reconnect storm) waits up
+    to ``linger`` seconds in its connection's outbox, so that the publications of that
+    time leave in one ``write()``, unless something else (a reply) flushes the connection
+    first. ``linger`` 0: nothing lingers."""
 
-    def __init__(self, loop: Any, clock: Callable[[], float] = time.perf_counter) -> None:
+    __slots__ = (
+        "_clock",
+        "_ended",
+        "_lazy",
+        "_lazy_scheduled",
+        "_loop",
+        "_pass",
+        "_pending",
+        "_scheduled",
+        "linger",
+    )
+
+    def __init__(
+        self, loop: Any, clock: Callable[[], float] = time.perf_counter, linger: float = 0.0
+    ) -> None:
         self._loop = loop
         self._clock = clock
         self._pending: list[Connection] = []
         self._scheduled = False
         self._pass = 0.0
         self._ended = 0.0
+        self.linger = linger
+        self._lazy: list[Connection] = []
+        self._lazy_scheduled = False
 
     def add(self, conn: Connection) -> None:
         self._pending.append(conn)
@@ -72,6 +92,12 @@ class Flusher:
             else:
                 self._loop.call_soon(self._run)
 
+    def add_lazy(self, conn: Connection) -> None:
+        self._lazy.append(conn)
+        if not self._lazy_scheduled:
+            self._lazy_scheduled = True
+            self._loop.call_later(self.linger, self._run_lazy)
+
     def _run(self) -> None:
         pending, self._pending = self._pending, []
         self._scheduled = False
@@ -80,6 +106,13 @@ class Flusher:
             conn.flush()
         self._ended = self._clock()
         self._pass = self._ended - t0
+
+    def _run_lazy(self) -> None:
+        lazy, self._lazy = self._lazy, []
+        self._lazy_scheduled = False
+        for conn in lazy:
+            if conn._lazy_pending:  # else a reply flushed it meanwhile
+                conn.flush()
 
 
 class Transport(Protocol):
@@ -134,6 +167,7 @@ class Connection:
     close_reason: str = ""
     on_slow: Callable[[Connection], None] | None = None
     _flush_pending: bool = False
+    _lazy_pending: bool = False
     last_ping: float = 0.0
     sent_messages: int = 0
     flusher: Flusher | None = None
@@ -147,7 +181,8 @@ class Connection:
         """Queue one JSON message (a reply or direct message)."""
         return self.send_frame(frame_text(payload))
 
-    def send_frame(self, frame: bytes) -> bool:
+    def send_frame(self, frame: bytes, lazy: bool = False) -> bool:
+        """Queue one frame; ``lazy``: it may linger (see :class:`Flusher`)."""
         if self.closed:
             return False
         ob = self.outbox
@@ -156,29 +191,37 @@ class Connection:
         elif not ob.push(frame, extra=self.transport.buffered()):
             self._slow()
             return False
-        self._schedule()
+        self._schedule(lazy)
         return True
 
-    def send_latest(self, key: str, frame: bytes) -> bool:
+    def send_latest(self, key: str, frame: bytes, lazy: bool = False) -> bool:
         if self.closed:
             return False
         if not self.outbox.push_latest(key, frame, extra=self.transport.buffered()):
             self._slow()
             return False
-        self._schedule()
+        self._schedule(lazy)
         return True
 
-    def _schedule(self) -> None:
-        if not self._flush_pending:
-            self._flush_pending = True
-            if self.flusher is not None:
-                self.flusher.add(self)
-            else:
-                self.loop.call_soon(self.flush)
+    def _schedule(self, lazy: bool = False) -> None:
+        if self._flush_pending:
+            return
+        fl = self.flusher
+        if lazy and fl is not None and fl.linger > 0:
+            if not self._lazy_pending:
+                self._lazy_pending = True
+                fl.add_lazy(self)
+            return
+        self._flush_pending = True
+        if fl is not None:
+            fl.add(self)
+        else:
+            self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write what is queued, in as few writes as the transport allows."""
         self._flush_pending = False
+        self._lazy_pending = False
         ob = self.outbox
         if self.closed or not ob:
             return

@@ -79,8 +79,9 @@ class Hub:
         return False
 
     # -- fan-out ---------------------------------------------------------------------
-    def deliver(self, pub: Publication) -> int:
-        """Queue ``pub`` for every local subscriber; returns how many got it."""
+    def deliver(self, pub: Publication, lazy: bool = False) -> int:
+        """Queue ``pub`` for every local subscriber; returns how many got it. ``lazy``:
+        its frames may linger in the outboxes (:class:`~.connection.Flusher`)."""
         subs = self.channels.get(pub.channel)
         if not subs:
             return 0
@@ -106,10 +107,10 @@ class Hub:
                 continue
             st.seq = seq
             if latest:
-                conn.send_latest(pub.channel, frame)
+                conn.send_latest(pub.channel, frame, lazy)
             else:
                 conn.outbox.barrier(pub.channel)
-                conn.send_frame(frame)
+                conn.send_frame(frame, lazy)
             n += 1
         self.delivered += n
         if gaps and self._on_gap is not None:

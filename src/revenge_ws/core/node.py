@@ -39,6 +39,7 @@ from ..protocol import (
 from . import control
 from .admission import Admission
 from .channels import (
+    LINGER,
     ChannelPolicy,
     automatic_channels,
     parse_channel,
@@ -293,7 +294,9 @@ class Node:
             mono,
         )
         if self._flusher is None:
-            self._flusher = Flusher(asyncio.get_running_loop())
+            self._flusher = Flusher(
+                asyncio.get_running_loop(), linger=self.settings.server.storm_linger
+            )
         conn = Connection(
             flusher=self._flusher,
             session_id=session_id,
@@ -529,7 +532,11 @@ class Node:
 
     # -- broker callbacks ----------------------------------------------------------------
     def on_publication(self, pub: Publication) -> None:
-        n = self.hub.deliver(pub)
+        lazy = (
+            self.admission.storm.storming(time.monotonic())
+            and pub.channel.partition(":")[0] in LINGER
+        )
+        n = self.hub.deliver(pub, lazy)
         if n:
             self.observer.messages_out(pub.type, n)
             self.observer.publish_latency(max(0.0, now_ms() - pub.created_ms) / 1000.0)

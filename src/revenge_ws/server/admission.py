@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -102,6 +103,7 @@ def enter_handshake(node: Node) -> Refusal | None:
     if admission.overloaded():
         reason = "the node is overloaded, retry later"
     elif admission.handshakes.enter():
+        admission.storm.handshake(time.monotonic())
         return None
     else:
         reason = "too many handshakes in progress, retry later"
