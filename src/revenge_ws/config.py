@@ -82,7 +82,7 @@ class ServerSettings(_Section):
     #: each outbox, so that a connection gets one write per linger instead of one per
     #: publication: that write is most of what fan-out costs a node that is also taking
     #: thousands of handshakes. Replies, SyncPlay and a user's own channels never wait.
-    storm_handshakes: int = Field(200, ge=1)
+    storm_handshakes: int = Field(50, ge=1)
     #: See ``storm_handshakes``; 0: publications never wait.
     storm_linger: float = Field(1.0, ge=0, le=5)
 

@@ -48,6 +48,7 @@ from ..exceptions import BrokerError, BrokerUnavailable, ConfigError
 from ..protocol import StreamPosition, rfc3339
 from ..redis_errors import RedisErrorPolicy, redis_call
 from .base import BrokerHandler, HistoryResult, Publication
+from .redis_batch import AutoPipeline
 from .redis_link import LinkKeeper, PubSubLink
 from .redis_pool import open_pool
 from .redis_presence import RedisPresence
@@ -168,6 +169,8 @@ class RedisBroker:
             url, node_id=node_id, timeout=timeout, max_connections=max_connections
         )
         self._redis: Redis = Redis(connection_pool=self._pool)
+        #: The small calls of handshakes and subscribes, pipelined per loop iteration.
+        self.batch = AutoPipeline(self._redis)
         self._publish_script = self._redis.register_script(lua("publish"))
         self._history_script = self._redis.register_script(lua("history"))
         self._set_if_absent_script = self._redis.register_script(lua("set_if_absent"))
@@ -263,6 +266,7 @@ class RedisBroker:
             async with asyncio.timeout(min(self.timeout, 2.0)):
                 await self._presence.forget_all()
         self._handler = None
+        await self.batch.close()
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await self._redis.aclose()
@@ -346,7 +350,7 @@ class RedisBroker:
             _ms(HistoryFamily().ttl),
             _ms(self.channel_ttl),
         ]
-        res = await self._run(self._history_script(self._keys(channel), args))
+        res = await self._run(self.batch.script(self._history_script, self._keys(channel), args))
         position = StreamPosition(_text(res[0]), int(res[1]))
         pubs = [decode_publication(p) for p in res[3:]]
         return HistoryResult(position, pubs, bool(int(res[2])))
@@ -390,7 +394,7 @@ class RedisBroker:
         return None if old is None else _text(old)
 
     async def get_value(self, key: str) -> str | None:
-        value = await self._run(self._redis.get(f"{self.prefix}:kv:{key}"))
+        value = await self._run(self.batch.command("GET", f"{self.prefix}:kv:{key}"))
         return None if value is None else _text(value)
 
     async def get_values(self, keys: list[str]) -> list[str | None]:

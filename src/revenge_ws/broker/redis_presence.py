@@ -95,10 +95,16 @@ class RedisPresence:
     async def add(self, channel: str, client_id: str, info: PresenceInfo) -> None:
         # Kept (and re-written at every refresh) while the connection lives: its own size.
         blob = encode({"u": info.user_id, "n": info.name, "node": info.node_id})
-        await self._b._run(self._pres_add(self._kpres(channel), [self._ttl_ms, client_id, blob]))
+        await self._b._run(
+            self._b.batch.script(
+                self._pres_add, self._kpres(channel), [self._ttl_ms, client_id, blob]
+            )
+        )
         if client_id in self._released:
             # The connection was removed while this add was in flight: undo it.
-            await self._b._run(self._pres_remove(self._kpres(channel), [client_id]))
+            await self._b._run(
+                self._b.batch.script(self._pres_remove, self._kpres(channel), [client_id])
+            )
             return
         self._channels.setdefault(channel, {})[client_id] = blob
         self._client_channels.setdefault(client_id, set()).add(channel)
@@ -120,7 +126,9 @@ class RedisPresence:
         # refreshed and expires by itself.
         self._forget(channel, client_id)
         self._note_removal(self._pres_remove, self._kpres(channel), [client_id])
-        await self._b._run(self._pres_remove(self._kpres(channel), [client_id]))
+        await self._b._run(
+            self._b.batch.script(self._pres_remove, self._kpres(channel), [client_id])
+        )
 
     def _note_removal(self, script: Any, keys: list[str], args: list[Any]) -> None:
         if self._removed_meanwhile is not None:
@@ -142,7 +150,9 @@ class RedisPresence:
     # -- connections -------------------------------------------------------------------
     async def add_connection(self, user_id: str, client_id: str) -> int:
         count = await self._b._run(
-            self._add_conns(self._kconns(user_id), [self._ttl_ms, user_id, client_id])
+            self._b.batch.script(
+                self._add_conns, self._kconns(user_id), [self._ttl_ms, user_id, client_id]
+            )
         )
         # Registered for refreshing only once Redis has it: a failed admission is never
         # released by the node, so it must not be refreshed forever either.
@@ -164,10 +174,16 @@ class RedisPresence:
             self._forget(ch, client_id)
             keys += self._kpres(ch)
         self._note_removal(self._remove_conn, keys, [client_id, user_id])
-        return int(await self._b._run(self._remove_conn(keys, [client_id, user_id])))
+        return int(
+            await self._b._run(self._b.batch.script(self._remove_conn, keys, [client_id, user_id]))
+        )
 
     async def connection_count(self, user_id: str) -> int:
-        return int(await self._b._run(self._count_live(self._kconns(user_id)[:1])))
+        return int(
+            await self._b._run(
+                self._b.batch.script(self._count_live, self._kconns(user_id)[:1], [])
+            )
+        )
 
     async def online_users(self) -> int:
         return int(await self._b._run(self._count_live([f"{self._b.prefix}:users"])))
