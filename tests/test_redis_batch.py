@@ -69,3 +69,37 @@ async def test_a_failed_round_trip_fails_every_call_of_it(redis_proc: RedisProce
     finally:
         await auto.close()
         await r.aclose()
+
+
+async def test_subscribes_of_one_iteration_share_one_command(
+    redis_proc: RedisProcess,
+) -> None:
+    """A node subscribing 50 channels at once (50 users reconnecting) sends one SUBSCRIBE
+    with all of them, and each caller returns once Redis confirmed its channel; the
+    unsubscribes of one iteration share one UNSUBSCRIBE too."""
+    from revenge_ws.broker.redis import RedisBroker
+
+    from .redis_fixtures import Recorder
+
+    r = aioredis.Redis.from_url(redis_proc.url)
+    broker = RedisBroker(redis_proc.url, node_id="a", timeout=3.0)
+    try:
+        await broker.start(Recorder())
+        await r.config_resetstat()
+        names = [f"library:l{i}" for i in range(50)]
+        await asyncio.gather(*(broker.subscribe(n) for n in names))
+        stats = await r.info("commandstats")
+        assert stats["cmdstat_subscribe"]["calls"] == 1
+        assert set(await r.pubsub_channels("revenge:pub:library:*")) == {
+            f"revenge:pub:{n}".encode() for n in names
+        }
+        await asyncio.gather(*(broker.unsubscribe(n) for n in names))
+        for _ in range(100):  # the UNSUBSCRIBE leaves at the end of the iteration
+            if not await r.pubsub_channels("revenge:pub:library:*"):
+                break
+            await asyncio.sleep(0.02)
+        assert await r.pubsub_channels("revenge:pub:library:*") == []
+        assert (await r.info("commandstats"))["cmdstat_unsubscribe"]["calls"] == 1
+    finally:
+        await broker.close()
+        await r.aclose()

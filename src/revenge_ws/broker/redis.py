@@ -374,8 +374,8 @@ class RedisBroker:
         self._channels.discard(channel)
         link = self._link
         if link is not None and link.ready:
-            with contextlib.suppress(BrokerError):
-                await self._run(link.send("UNSUBSCRIBE", self._rch(channel)))
+            with contextlib.suppress(RedisError, OSError):
+                link.unsubscribe(self._rch(channel))
 
     # -- control / kv ------------------------------------------------------------------
     async def publish_control(self, message: dict[str, Any]) -> None:

@@ -50,6 +50,10 @@ class PubSubLink:
         self.ready = False
         self.ready_at = 0.0
         self.waiters: dict[bytes, list[asyncio.Future[None]]] = {}
+        #: SUBSCRIBE / UNSUBSCRIBE asked for during this loop iteration, in order: sent
+        #: together (one command per run of the same kind), not one write per channel.
+        self._outgoing: list[tuple[str, bytes]] = []
+        self._senders: set[asyncio.Task[None]] = set()
 
     async def send(self, *args: Any) -> None:
         # A disconnected redis-py connection would silently reconnect on send, without
@@ -64,7 +68,7 @@ class PubSubLink:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiters.setdefault(rch, []).append(fut)
         try:
-            await self.send("SUBSCRIBE", rch)
+            self._queue("SUBSCRIBE", rch)
             await fut
         finally:
             waiting = self.waiters.get(rch)
@@ -72,6 +76,47 @@ class PubSubLink:
                 waiting.remove(fut)
                 if not waiting:
                     del self.waiters[rch]
+
+    def unsubscribe(self, rch: bytes) -> None:
+        """UNSUBSCRIBE (sent at the end of this loop iteration; nobody waits for it)."""
+        self._queue("UNSUBSCRIBE", rch)
+
+    def _queue(self, command: str, rch: bytes) -> None:
+        if not self.conn.is_connected:
+            raise RedisConnectionError("pub/sub link is closed")
+        self._outgoing.append((command, rch))
+        if len(self._outgoing) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        out, self._outgoing = self._outgoing, []
+        runs: list[tuple[str, list[bytes]]] = []
+        for command, rch in out:
+            if runs and runs[-1][0] == command and len(runs[-1][1]) < SUBSCRIBE_BATCH:
+                runs[-1][1].append(rch)
+            else:
+                runs.append((command, [rch]))
+        task = asyncio.create_task(self._send_runs(runs))
+        self._senders.add(task)
+        task.add_done_callback(self._senders.discard)
+
+    async def _send_runs(self, runs: list[tuple[str, list[bytes]]]) -> None:
+        for i, (command, channels) in enumerate(runs):
+            try:
+                await self.send(command, *channels)
+            except BaseException as exc:
+                # The link is broken (the keeper rebuilds it): every subscribe still to be
+                # sent fails now, as a direct send would have.
+                failure = exc if isinstance(exc, Exception) else RedisConnectionError("closed")
+                for later, chans in runs[i:]:
+                    if later == "SUBSCRIBE":
+                        for rch in chans:
+                            for fut in self.waiters.get(rch, ()):
+                                if not fut.done():
+                                    fut.set_exception(failure)
+                if not isinstance(exc, Exception):
+                    raise
+                return
 
     def confirmed(self, rch: bytes) -> None:
         self.initial.discard(rch)
@@ -88,6 +133,8 @@ class PubSubLink:
         self.waiters.clear()
 
     async def close(self) -> None:
+        for task in list(self._senders):
+            task.cancel()
         with contextlib.suppress(Exception):
             await self.conn.disconnect(nowait=True)
 
