@@ -405,6 +405,43 @@ async def test_during_a_storm_shared_publications_linger_and_replies_take_them_a
             await ws.close()
 
 
+async def test_the_connection_log_summarizes_a_storm(caplog: pytest.LogCaptureFixture) -> None:
+    """One line per connect and disconnect, except during a storm: then one summary line
+    per second with the counts and close codes; per-connection lines come back after."""
+    import logging
+
+    from revenge_ws.core.connlog import ConnectionLog
+
+    storm = [False]
+    clog = ConnectionLog(lambda now: storm[0])
+    caplog.set_level(logging.INFO, logger="revenge_ws.connections")
+    clog.connected("alice", "s1")
+    clog.disconnected("alice", "s1", 1000, 2.5)
+    assert [r.event for r in caplog.records] == ["connect", "disconnect"]  # type: ignore[attr-defined]
+    caplog.clear()
+
+    storm[0] = True
+    for i in range(300):
+        clog.connected(f"u{i}", f"s{i}")
+    for i in range(120):
+        clog.disconnected(f"u{i}", f"s{i}", 1012 if i % 2 else None, 1.0)
+    assert caplog.records == []
+    clog.flush()
+    (summary,) = caplog.records
+    assert summary.event == "connections_summary"  # type: ignore[attr-defined]
+    assert (summary.connects, summary.disconnects) == (300, 120)  # type: ignore[attr-defined]
+    assert summary.close_codes == {"1012": 60, "None": 60}  # type: ignore[attr-defined]
+    assert "alice" not in summary.getMessage()
+    caplog.clear()
+    clog.flush()  # nothing counted since: no line
+    assert caplog.records == []
+
+    storm[0] = False
+    clog.connected("bob", "s9")
+    clog.close()
+    assert [r.event for r in caplog.records] == ["connect"]  # type: ignore[attr-defined]
+
+
 def test_the_storm_meter_counts_whole_seconds_and_holds() -> None:
     from revenge_ws.core.admission import StormMeter
 

@@ -45,6 +45,7 @@ from .channels import (
     parse_channel,
 )
 from .connection import Connection, Flusher, Transport
+from .connlog import ConnectionLog
 from .hub import Hub
 from .observer import NullObserver, Observer
 from .outbox import Outbox
@@ -54,7 +55,6 @@ from .subscriptions import Subscriptions
 __all__ = ["Endpoint", "Handler", "Node", "Request"]
 
 log = logging.getLogger("revenge_ws.node")
-conn_log = logging.getLogger("revenge_ws.connections")
 
 #: How often the sweeper checks heartbeats and token expiry (s).
 SWEEP_INTERVAL = 1.0
@@ -177,6 +177,7 @@ class Node:
             dedupe_window=settings.history.request_dedupe_window,
         )
         self.admission = Admission(self)
+        self.conn_log = ConnectionLog(self.admission.storm.storming)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._flusher: Flusher | None = None
@@ -219,6 +220,7 @@ class Node:
 
     async def close(self) -> None:
         """Release the broker after :meth:`stop` and after the sockets are gone."""
+        self.conn_log.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -340,12 +342,7 @@ class Node:
         )
         for finish in finishers:
             finish()
-        conn_log.info(
-            "connect user=%s session=%s",
-            claims.sub,
-            session_id,
-            extra={"event": "connect", "user_id": claims.sub, "session_id": session_id},
-        )
+        self.conn_log.connected(claims.sub, session_id)
         if self.admission.opened(session_id):
             # Awaited: one broker publish, and user_online must precede what follows.
             await self._run_hooks(list(self.on_user_online), conn, "online")
@@ -381,20 +378,7 @@ class Node:
         emptied = self.hub.remove(conn)
         duration = time.monotonic() - conn.opened_at
         self.observer.connection_closed(conn.close_code, duration)
-        conn_log.info(
-            "disconnect user=%s session=%s code=%s duration=%.1fs",
-            conn.user_id,
-            conn.session_id,
-            conn.close_code,
-            duration,
-            extra={
-                "event": "disconnect",
-                "user_id": conn.user_id,
-                "session_id": conn.session_id,
-                "close_code": conn.close_code,
-                "duration": round(duration, 3),
-            },
-        )
+        self.conn_log.disconnected(conn.user_id, conn.session_id, conn.close_code, duration)
         if self.closing:
             # The node stops: the broker forgets all of its entries in one pipelined pass
             # when it closes (a Redis broker's presence.forget_all), not in ~6 round trips
