@@ -442,6 +442,32 @@ async def test_the_connection_log_summarizes_a_storm(caplog: pytest.LogCaptureFi
     assert [r.event for r in caplog.records] == ["connect"]  # type: ignore[attr-defined]
 
 
+def test_the_handshake_bound_follows_the_node_pace() -> None:
+    """At least the configured bound; after a second of N completed handshakes, about
+    HANDSHAKE_QUEUE × N (at most MAX_PENDING); back to the base after an idle second."""
+    from revenge_ws.core.admission import HANDSHAKE_QUEUE, MAX_PENDING, HandshakeGate
+
+    gate = HandshakeGate(10)
+    for i in range(400):  # 400 completed within the second from t=0
+        assert gate.enter()
+        gate.leave(0.0025 * i)
+    assert gate.limit == 10  # the second has not ended yet
+    gate.enter()
+    gate.leave(1.0)
+    assert gate.limit == int(400 * HANDSHAKE_QUEUE)
+    assert [gate.enter() for _ in range(gate.limit + 1)][-1] is False  # refused past it
+    assert gate.refused == 1
+    for _ in range(gate.pending):
+        gate.leave()  # no time given: not counted
+    for i in range(5000):
+        gate.enter()
+        gate.leave(1.0 + 0.0001 * i)
+    gate.leave(2.0)
+    assert gate.limit == MAX_PENDING
+    gate.leave(10.0)  # idle for seconds: the pace is unknown again
+    assert gate.limit == 10
+
+
 def test_the_storm_meter_counts_whole_seconds_and_holds() -> None:
     from revenge_ws.core.admission import StormMeter
 

@@ -26,6 +26,7 @@ from .features import devices, library, notifications, syncplay, transcode
 from .features.activity import install as install_activity
 from .features.playback_events import install as install_playback_events
 from .features.web import NODE
+from .server.acceptor import Acceptor, listen
 from .server.admission import EXACT_PATH, KEYED_PATHS
 from .server.direct import Engine
 from .server.http import (
@@ -191,14 +192,15 @@ async def serve(
         if settings.server.ws_engine == "direct"
         else None
     )
-    server = await loop.create_server(
+    # Not loop.create_server: on uvloop it accepts one connection per loop iteration,
+    # which hides a storm from the admission checks (server/acceptor.py).
+    server = Acceptor(
+        loop,
+        listen(settings.server.host, settings.server.port, settings.server.listen_backlog),
         guarded(runner, settings.server.handshake_timeout, engine),
-        settings.server.host,
-        settings.server.port,
-        reuse_address=True,
-        backlog=settings.server.listen_backlog,
     )
-    port = server.sockets[0].getsockname()[1]
+    server.start()
+    port = server.port
     log.info(
         "revenge-ws %s listening on http://%s:%s (node %s, broker %s)",
         __version__,

@@ -54,10 +54,9 @@ class ServerSettings(_Section):
     accept_burst: int = Field(2000, ge=1)
     #: Open WebSocket connections per node; the next handshake gets 503.
     max_connections: int = Field(10000, ge=1)
-    #: WebSocket handshakes a node works on at once (from the request to the ``welcome``);
-    #: the next one gets 503 with ``Retry-After`` before its token is looked at. About
-    #: 0.1 s of work at ~1 ms each: enough to keep a core busy, short enough that a client
-    #: never waits long behind the queue.
+    #: WebSocket handshakes a node works on at once (from the request to the ``welcome``)
+    #: at least; more when its measured pace says it answers them within 1.5 s (at most
+    #: 2,048). The next one gets 503 with ``Retry-After`` before its token is looked at.
     max_pending_handshakes: int = Field(128, ge=1)
     #: A node whose event loop runs later than this (s) answers new handshakes 503 at once,
     #: so that the work it has accepted finishes while its clients still wait; 0: never.

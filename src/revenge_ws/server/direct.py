@@ -289,7 +289,7 @@ class Socket(asyncio.Protocol):
             else:
                 self._t.abort()
         finally:
-            self._engine.node.admission.handshakes.leave()
+            self._engine.node.admission.handshakes.leave(time.monotonic())
 
     async def _open(self, request: Request, route: Route) -> None:
         node = self._engine.node

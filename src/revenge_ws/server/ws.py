@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -141,7 +142,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 conn = await node.open(claims, transport, session_id, extra_channels=extra)
             finally:
                 opening = False
-                node.admission.handshakes.leave()
+                node.admission.handshakes.leave(time.monotonic())
             if room_id is not None:
                 await endpoint_opened(node, conn, room_id, dict(request.query))
             try:
@@ -180,4 +181,4 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             await node.admission.release_if_unopened(claims, session_id)
     finally:
         if opening:
-            node.admission.handshakes.leave()
+            node.admission.handshakes.leave(time.monotonic())
