@@ -468,6 +468,30 @@ def test_the_handshake_bound_follows_the_node_pace() -> None:
     assert gate.limit == 10
 
 
+async def test_a_connect_hook_too_slow_in_a_storm_is_a_warning_not_an_error(
+    hub_with: HubWith, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connect hook that times out (a store queue in a storm) leaves the connection
+    served and logs one warning that says "timeout", without a traceback."""
+    import logging
+
+    async with hub_with() as hub:
+
+        async def slow(conn: Any) -> None:
+            raise TimeoutError
+
+        hub.node.on_connect.append(slow)
+        caplog.set_level(logging.WARNING, logger="revenge_ws.node")
+        ws = await hub.connect("alice")
+        ack = await ws.request("subscribe", {"channels": ["library:l1"]})
+        assert ack["type"] == "ack"
+        await until(lambda: any("connect hook" in r.getMessage() for r in caplog.records))
+        (record,) = [r for r in caplog.records if "connect hook" in r.getMessage()]
+        assert record.levelno == logging.WARNING and record.exc_info is None
+        assert record.getMessage().endswith(": timeout")
+        await ws.close()
+
+
 def test_the_storm_meter_counts_whole_seconds_and_holds() -> None:
     from revenge_ws.core.admission import StormMeter
 

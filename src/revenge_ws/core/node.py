@@ -362,8 +362,10 @@ class Node:
                 return  # the client left: its setup (a store read, re-sends) is wasted
             try:
                 await hook(conn)
-            except (BrokerUnavailable, StoreUnavailable) as exc:
-                log.warning("%s hook for %s: %s", what, conn.session_id, exc)
+            except (BrokerUnavailable, StoreUnavailable, TimeoutError) as exc:
+                # Unavailable or too slow (a store queue in a storm): the client is served
+                # anyway, and gets its re-sends at its next connection. No traceback.
+                log.warning("%s hook for %s: %s", what, conn.session_id, _reason(exc))
             except Exception:
                 log.exception("%s hook failed for %s", what, conn.session_id)
 
@@ -494,7 +496,7 @@ class Node:
         if isinstance(exc, ProtocolError):
             return encode_error(env.id, exc.code, exc.message, exc.retryable)
         if isinstance(exc, BrokerUnavailable | StoreUnavailable | TimeoutError):
-            log.warning("%s failed: %s", env.type, exc or "timeout")
+            log.warning("%s failed: %s", env.type, _reason(exc))
             return encode_error(env.id, ErrorCode.UNAVAILABLE, "temporarily unavailable", True)
         log.error("handler %s failed", env.type, exc_info=exc)
         return encode_error(env.id, ErrorCode.INTERNAL, "internal error", True)
@@ -687,3 +689,9 @@ class Node:
             elif now - conn.session.last_seen >= interval and now - conn.last_ping >= interval:
                 conn.last_ping = now
                 conn.transport.ping()
+
+
+def _reason(exc: BaseException) -> str:
+    """A log line's reason: the message, or the kind of failure when it has none
+    (``TimeoutError()`` prints as nothing)."""
+    return str(exc) or ("timeout" if isinstance(exc, TimeoutError) else type(exc).__name__)
