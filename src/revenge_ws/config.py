@@ -62,12 +62,11 @@ class ServerSettings(_Section):
     #: so that the work it has accepted finishes while its clients still wait; 0: never.
     max_loop_lag: float = Field(2.0, ge=0, le=60)
     #: Connections the kernel holds for the node before it accepts them (Linux caps it at
-    #: ``net.core.somaxconn``, 4096 by default). About two seconds of a busy node's
-    #: handshakes: well within a client's connect timeout (10 s for the shipped ones), so
-    #: a queued connection is still wanted when its turn comes. A full queue is worse than
-    #: a long one: the kernel drops the client's handshake ACK and retransmits after 1 s,
-    #: 3 s, 7 s, and the attempt times out after 10 s (a 256 queue cost a restart of
-    #: 10,000 users its last 5 s: docs/performance.md §3).
+    #: ``net.core.somaxconn``, 4096 by default). The node accepts everything waiting at
+    #: each readiness (128 at a time) and then serves or refuses it (503), so this queue
+    #: only has to absorb a burst that arrives during one busy loop iteration. Past it the
+    #: kernel drops the client's handshake ACK and retransmits after 1 s, 3 s, 7 s: a
+    #: client that could have been told to come back later times out instead.
     listen_backlog: int = Field(2048, ge=16, le=65535)
     #: Serve the dashboard/demo pages and the JS client.
     static: bool = True
