@@ -208,18 +208,19 @@ async def remote_scenario(
             servers.append(await bench.start_server("hub", quiet))
         dev_hub, ctl_hub = servers[0], servers[-1]
         base = {"mode": "devices", "n": s.devices, "offset": 0, "deadline": 600}
-        devices = await bench.load({**base, "role": "device", "port": dev_hub.port})
-        procs.append(devices)
-        await devices.expect("L", 60)
-        ready = await devices.expect("READY", 180)
-        if ready["connected"] < s.devices:
-            raise StormError(f"only {ready['connected']} of {s.devices} devices: {ready}")
-        controllers = await bench.load({**base, "role": "controller", "port": ctl_hub.port})
-        procs.append(controllers)
-        await controllers.expect("L", 60)
-        ready = await controllers.expect("READY", 180)
-        if ready["connected"] < s.devices:
-            raise StormError(f"only {ready['connected']} of {s.devices} controllers: {ready}")
+
+        async def connected(role: str, port: int) -> LoadProc:
+            """A client process of ``role`` with every one of its connections up."""
+            lp = await bench.load({**base, "role": role, "port": port})
+            procs.append(lp)
+            await lp.expect("L", 60)
+            ready = await lp.expect("READY", 180)
+            if ready["connected"] < s.devices:
+                raise StormError(f"only {ready['connected']} of {s.devices} {role}s: {ready}")
+            return lp
+
+        devices = await connected("device", dev_hub.port)
+        controllers = await connected("controller", ctl_hub.port)
         bench.progress.watch(f"remote {res['scenario']}", dev_hub.pid, [lp.pid for lp in procs])
         say(
             f"remote commands ({'across nodes, Redis' if cross else 'same node'}): "

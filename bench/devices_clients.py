@@ -38,8 +38,8 @@ from typing import Any
 
 import orjson
 
-from .common import HOST, SECRET, percentile, self_cpu
-from .wsclient import FIRST_ID, HandshakeRefused, Stats, WSClient, build_request
+from .common import SECRET, percentile, self_cpu
+from .wsclient import FIRST_ID, HandshakeRefused, Stats, WSClient, build_request, open_client
 
 __all__ = ["COMMANDS", "DEVICE_ID", "DevConn", "hello_message", "run"]
 
@@ -121,18 +121,8 @@ async def open_dev(
     index: int,
     timeout: float = 15.0,
 ) -> DevConn:
-    loop = asyncio.get_running_loop()
     request = build_request("hub", port, tok)
-    transport, proto = await asyncio.wait_for(
-        loop.create_connection(lambda: DevConn(request, stats, first, on_msg, index), HOST, port),
-        timeout,
-    )
-    try:
-        await asyncio.wait_for(proto.ready_fut, timeout)
-    except BaseException:
-        transport.abort()
-        raise
-    return proto
+    return await open_client(lambda: DevConn(request, stats, first, on_msg, index), port, timeout)
 
 
 async def connect_many(

@@ -942,38 +942,35 @@ def _is_rate_part(part: str) -> bool:
         return False
 
 
+#: Preset fields that a command-line option of the same name replaces as given.
+PLAIN_OVERRIDES = (
+    "subscribers",
+    "window",
+    "idle_connections",
+    "storm_clients",
+    "storm_procs",
+    "storm_timeout",
+    "devices",
+    "devices_rate",
+    "devices_window",
+    "playback_devices",
+    "playback_procs",
+    "playback_rounds",
+)
+
+
 def preset_for(args: argparse.Namespace) -> Preset:
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
     args.preset_name = name
     p = Preset(**vars(PRESETS[name]))
-    if args.subscribers:
-        p.subscribers = args.subscribers
-    if args.window:
-        p.window = args.window
+    for key in PLAIN_OVERRIDES:  # an option given on the command line wins
+        value = getattr(args, key)
+        if value:
+            setattr(p, key, value)
     if args.rates:
         p.rates = [float(x) for x in args.rates.split(",") if x.strip()]
-    if args.idle_connections:
-        p.idle_connections = args.idle_connections
-    if args.storm_clients:
-        p.storm_clients = args.storm_clients
     if args.storm_scenarios:
         p.storm_scenarios = tuple(args.storm_scenarios)
-    if args.storm_procs:
-        p.storm_procs = args.storm_procs
-    if args.storm_timeout:
-        p.storm_timeout = args.storm_timeout
-    if args.devices:
-        p.devices = args.devices
-    if args.devices_rate:
-        p.devices_rate = args.devices_rate
-    if args.devices_window:
-        p.devices_window = args.devices_window
-    if args.playback_devices:
-        p.playback_devices = args.playback_devices
-    if args.playback_procs:
-        p.playback_procs = args.playback_procs
-    if args.playback_rounds:
-        p.playback_rounds = args.playback_rounds
     return p
 
 

@@ -21,7 +21,8 @@ import contextlib
 import re
 import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 
@@ -316,14 +317,20 @@ async def open_ws(
 ) -> WSClient:
     """Connect, upgrade and wait until ready; raises HandshakeRefused, OSError,
     ConnectionError or TimeoutError."""
-    loop = asyncio.get_running_loop()
     request = build_request(kind, port, token)
-    transport, proto = await asyncio.wait_for(
-        loop.create_connection(
-            lambda: WSClient(kind, request, stats, subscribe=subscribe, track=track), HOST, port
-        ),
-        timeout,
+    return await open_client(
+        lambda: WSClient(kind, request, stats, subscribe=subscribe, track=track), port, timeout
     )
+
+
+C = TypeVar("C", bound=WSClient)
+
+
+async def open_client(factory: Callable[[], C], port: int, timeout: float) -> C:
+    """Connect a :class:`WSClient` (or a subclass) made by ``factory`` and wait until it is
+    ready, each step within ``timeout``; the socket is dropped on failure."""
+    loop = asyncio.get_running_loop()
+    transport, proto = await asyncio.wait_for(loop.create_connection(factory, HOST, port), timeout)
     try:
         await asyncio.wait_for(proto.ready_fut, timeout)
     except BaseException:
