@@ -64,7 +64,7 @@ T = TypeVar("T")
 CLOSE_TIMEOUT = 5.0
 #: How often (s) a broker behind Sentinel checks that its pub/sub link is on the master.
 MASTER_WATCH = 1.0
-#: Keys per pipeline in :meth:`RedisBroker.set_values` (bounds one round trip's size).
+#: Keys per broker call (one timeout) in :meth:`RedisBroker.set_values`.
 KV_BATCH = 1000
 
 
@@ -408,14 +408,13 @@ class RedisBroker:
 
     async def set_values(self, values: dict[str, str], ttl: float) -> None:
         items = list(values.items())
+        px = _ms(ttl)
         for i in range(0, len(items), KV_BATCH):
-            await self._run(self._set_batch(items[i : i + KV_BATCH], _ms(ttl)))
-
-    async def _set_batch(self, items: list[tuple[str, str]], px: int) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key, value in items:
-                pipe.set(f"{self.prefix}:kv:{key}", value, px=px)
-            await pipe.execute()
+            sets = [
+                self.batch.command("SET", f"{self.prefix}:kv:{key}", value, "PX", px)
+                for key, value in items[i : i + KV_BATCH]
+            ]
+            await self._run(self.batch.all(sets))
 
     # -- the pub/sub link ----------------------------------------------------------------
     def _wanted(self) -> list[bytes]:

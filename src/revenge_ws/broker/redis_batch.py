@@ -49,6 +49,15 @@ class AutoPipeline:
         """A plain command (``"GET", key``) in the next pipeline; its raw reply."""
         return self._add(None, args)
 
+    async def all(self, calls: list[asyncio.Future[Any]]) -> list[Any]:
+        """The replies of ``calls`` (made with :meth:`script` / :meth:`command`) in order;
+        once every one is settled, the first error is raised (none is left unretrieved)."""
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies
+
     def _add(self, script: AsyncScript | None, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()

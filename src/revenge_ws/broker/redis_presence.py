@@ -241,9 +241,5 @@ class RedisPresence:
             await self._b._run(self._execute(batch))
 
     async def _execute(self, batch: list[tuple[Any, list[str], list[Any]]]) -> None:
-        # ``async with``: a pipeline holds a pool connection from its SCRIPT EXISTS check
-        # on, and only reset() gives it back, also when a timeout cancels us midway.
-        async with self._b._redis.pipeline(transaction=False) as pipe:
-            for script, keys, args in batch:
-                await script(keys, args, client=pipe)
-            await pipe.execute()
+        batcher = self._b.batch
+        await batcher.all([batcher.script(script, keys, args) for script, keys, args in batch])

@@ -22,6 +22,7 @@ __all__ = [
     "Family",
     "automatic_channels",
     "is_personal",
+    "lingers",
     "parse_channel",
 ]
 
@@ -61,6 +62,11 @@ _PERSONAL_PREFIXES = tuple(f"{f}:" for f in PERSONAL)
 def is_personal(name: str) -> bool:
     """True for ``notifications:<user>`` and ``user:<user>``."""
     return name.startswith(_PERSONAL_PREFIXES)
+
+
+def lingers(name: str) -> bool:
+    """True for a channel of a :data:`LINGER` family (``activity``, ``library:<id>``...)."""
+    return name.partition(":")[0] in LINGER
 
 
 #: Publication types that a newer one of the same channel may replace in a slow queue.

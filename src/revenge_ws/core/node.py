@@ -39,9 +39,9 @@ from ..protocol import (
 from . import control
 from .admission import Admission
 from .channels import (
-    LINGER,
     ChannelPolicy,
     automatic_channels,
+    lingers,
     parse_channel,
 )
 from .connection import Connection, Flusher, Transport
@@ -528,10 +528,7 @@ class Node:
 
     # -- broker callbacks ----------------------------------------------------------------
     def on_publication(self, pub: Publication) -> None:
-        lazy = (
-            self.admission.storm.storming(time.monotonic())
-            and pub.channel.partition(":")[0] in LINGER
-        )
+        lazy = lingers(pub.channel) and self.admission.storm.storming(time.monotonic())
         n = self.hub.deliver(pub, lazy)
         if n:
             self.observer.messages_out(pub.type, n)
